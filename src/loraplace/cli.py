@@ -1,0 +1,106 @@
+"""The `loraplace` command line.
+
+    loraplace plan --model embedded
+    loraplace study --config configs/offline.yaml --out runs/offline
+    loraplace report runs/offline
+    loraplace bench --out runs/bench
+
+Errors a user can cause end in one sentence on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from loraplace.errors import UserError
+
+LORA_DEFAULTS = {"rank": 16, "alpha": 32.0, "dropout": 0.1, "bias": "none"}
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _strategies(args) -> list:
+    from loraplace.strategies import SEED_COMPARISON, layer_study, parse_strategy
+
+    names = args.strategy or ([] if args.layer_study else list(SEED_COMPARISON))
+    strategies = [parse_strategy(s) for s in names]
+    if args.layer_study:
+        strategies += layer_study(args.layer_study)
+    return strategies
+
+
+def cmd_plan(args) -> int:
+    from loraplace.models import resolve
+    from loraplace.planning import plan_model, render, to_json
+
+    strategies = _strategies(args)
+    plan = plan_model(resolve(args.model, args.trust_remote_code), strategies, args.rank, args.bias)
+    if args.json:
+        print(json.dumps(to_json(plan), indent=2))
+    else:
+        print(render(plan, args.rank, args.alpha, args.dropout, args.bias))
+    return 0
+
+
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", "-r", type=int, default=LORA_DEFAULTS["rank"], help="LoRA rank (16)")
+    p.add_argument("--alpha", type=float, default=LORA_DEFAULTS["alpha"], help="LoRA alpha (32)")
+    p.add_argument(
+        "--dropout", type=float, default=LORA_DEFAULTS["dropout"], help="LoRA dropout (0.1)"
+    )
+    p.add_argument("--bias", choices=["none", "lora_only"], default="none", help="LoRA bias (none)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraplace", description="Where should the LoRA adapters go?"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="show what each strategy adapts and what it costs (no weights)")
+    p.add_argument(
+        "--model", default="embedded", help="hub id, local dir, .gguf file, or 'embedded'"
+    )
+    p.add_argument(
+        "--strategy",
+        action="append",
+        help="built-in name or NAME=ROLE[,ROLE...][@LAYERS] (repeatable); "
+        "default: full attention ffn seed-attention seed-ffn",
+    )
+    p.add_argument(
+        "--layer-study", metavar="ROLES", help="add depth strategies for these roles, e.g. attn,mlp"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow a hub model's own code (off)"
+    )
+    _add_lora_args(p)
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _quiet()
+        return args.func(args)
+    except UserError as err:
+        print(f"loraplace: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraplace: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

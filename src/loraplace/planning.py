@@ -1,0 +1,110 @@
+"""`loraplace plan`: what each strategy adapts on a model, and what it costs, without weights.
+
+loraplace plan --model ../shared/models/dialogpt-medium
+loraplace plan --model embedded --strategy top6=attn@top:6 --json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraplace.models import ModelSource, base_params, meta_model
+from loraplace.placement import Placement, place
+from loraplace.roles import ROLES, LinearModule, classify, num_layers
+from loraplace.strategies import Strategy
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    model: str
+    base_params: int
+    n_layers: int
+    modules: list[LinearModule]
+    placements: list[Placement]
+
+
+def plan_model(
+    source: ModelSource, strategies: list[Strategy], rank: int, bias: str = "none"
+) -> ModelPlan:
+    model = meta_model(source)
+    modules = classify(model)
+    placements = [place(modules, s, rank, bias) for s in strategies]
+    return ModelPlan(source.name, base_params(model), num_layers(modules), modules, placements)
+
+
+def to_json(plan: ModelPlan) -> dict:
+    return {
+        "model": plan.model,
+        "base_params": plan.base_params,
+        "n_layers": plan.n_layers,
+        "strategies": [
+            {
+                "name": p.strategy.name,
+                "roles": list(p.strategy.roles),
+                "layers": p.layers,
+                "literal_targets": list(p.strategy.seed_targets) if p.literal else None,
+                "modules": p.paths,
+                "ranks": p.ranks,
+                "trainable_params": p.trainable_params,
+                "percent_of_base": 100 * p.trainable_params / plan.base_params,
+                "trainable_by_role": p.trainable_by_role,
+                "trainable_by_layer": {str(k): v for k, v in sorted(p.trainable_by_layer.items())},
+            }
+            for p in plan.placements
+        ],
+    }
+
+
+def seed_notes(plan: ModelPlan) -> list[str]:
+    """Say what the seed's literal lists really select on this model."""
+    notes = []
+    for p in plan.placements:
+        targets = p.strategy.seed_targets
+        if not targets:
+            continue
+        listed = "[" + ", ".join(repr(t) for t in targets) + "]"
+        if p.literal and "mlp.down" in p.trainable_by_role and "mlp.up" not in p.trainable_by_role:
+            n = sum(1 for m in p.modules if m.role == "mlp.down")
+            notes.append(
+                f"{p.strategy.name}: PEFT matches {listed} by suffix, so 'c_proj' also adapts the MLP "
+                f"output projection mlp.c_proj in every layer ({n} modules, "
+                f"{p.trainable_by_role['mlp.down']:,} parameters): it is not attention-only; "
+                "use 'attention' for attention alone"
+            )
+        elif p.literal:
+            notes.append(f"{p.strategy.name}: {listed} matched by suffix exactly as PEFT does")
+        else:
+            notes.append(
+                f"{p.strategy.name}: this model has no modules named {listed}; selecting the roles the "
+                f"list selects on GPT-2: {', '.join(p.strategy.roles)}"
+            )
+    return notes
+
+
+def render(plan: ModelPlan, rank: int, alpha: float, dropout: float, bias: str) -> str:
+    roles_present = [r for r in ROLES if any(m.role == r for m in plan.modules)]
+    other = [m.path for m in plan.modules if m.role == "other"]
+    full = next((p.trainable_params for p in plan.placements if p.strategy.name == "full"), None)
+    lines = [
+        f"model: {plan.model}",
+        f"base parameters: {plan.base_params:,} (tied embeddings counted once); "
+        f"{plan.n_layers} layers; roles: {', '.join(roles_present)}",
+        f"not adapted (role other): {', '.join(other) if other else 'none'}",
+        f"LoRA: r={rank} alpha={alpha:g} dropout={dropout:g} bias={bias}",
+        "",
+        f"{'strategy':<18}{'layers':<12}{'modules':>8}{'trainable':>13}{'% base':>9}{'vs full':>9}  by role",
+    ]
+    for p in plan.placements:
+        layers = p.strategy.layers or "all"
+        reduction = f"{100 * (1 - p.trainable_params / full):.1f}%" if full else "-"
+        by_role = "  ".join(f"{r} {n:,}" for r, n in p.trainable_by_role.items())
+        lines.append(
+            f"{p.strategy.name:<18}{layers:<12}{len(p.modules):>8}{p.trainable_params:>13,}"
+            f"{100 * p.trainable_params / plan.base_params:>8.3f}%{reduction:>9}  {by_role}"
+        )
+    notes = seed_notes(plan)
+    if notes:
+        lines += ["", "notes:"] + [f"  - {n}" for n in notes]
+    if full:
+        lines += ["", "'vs full' is the parameter reduction against the full placement."]
+    return "\n".join(lines)

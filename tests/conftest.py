@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random causal LMs built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# No test reaches the network: set before transformers / huggingface_hub read them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "disabled"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ALPACA_HEAD = SHARED / "data" / "alpaca_head200.json"
+DIALOGPT = SHARED / "models" / "dialogpt-medium"
+
+# Every architecture the role classifier must handle, at toy size.
+TINY = {
+    "gpt2": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128, vocab_size=128),
+    "llama": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    ),
+    "mistral": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    ),
+    "qwen2": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    ),
+    "gpt_neox": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=128,
+    ),
+    "opt": dict(
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        vocab_size=128,
+    ),
+    "falcon": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, vocab_size=128),
+    "phi": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        vocab_size=128,
+    ),
+    "gemma": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+    ),
+}
+
+
+def tiny_config(kind: str):
+    return AutoConfig.for_model(kind, **TINY[kind])
+
+
+def tiny_model(kind: str, device: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(tiny_config(kind))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 with a real GPT-2-style byte-level tokenizer, saved like a hub model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    vocab = {chr(i): i for i in range(127)}  # one token per ASCII character
+    vocab["<|endoftext|>"] = 127
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?s)."), "isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+    fast.save_pretrained(path)
+    model = tiny_model("gpt2")
+    model.config.eos_token_id = model.config.bos_token_id = 127
+    model.save_pretrained(path)
+    return path
