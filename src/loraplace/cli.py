@@ -52,6 +52,62 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from loraplace.config import load_config
+    from loraplace.report import build
+    from loraplace.runner import run_study
+
+    overrides = {
+        "model": args.model,
+        "data": args.data,
+        "train_split": args.train_split,
+        "eval_split": args.eval_split,
+        "strategies": args.strategy,
+        "seeds": args.seed,
+        "epochs": args.epochs,
+        "layer_study": args.layer_study,
+        "equal_budget": args.equal_budget,
+    }
+    cfg = load_config(args.config, overrides, args.set or [])
+    run_study(cfg, args.out, log=lambda line: print(line, flush=True))
+    paths = build(args.out)
+    print()
+    print(_summary_text(paths["summary.csv"]))
+    print(
+        f"\nreport: {paths['report.html']} (and report.md, summary.csv, aggregate.csv, comparisons.csv, *.png in {args.out})"
+    )
+    return 0
+
+
+def _summary_text(csv_path) -> str:
+    import pandas as pd
+
+    df = pd.read_csv(csv_path)
+    cols = [
+        "strategy",
+        "seed",
+        "status",
+        "eval_loss",
+        "perplexity",
+        "relative_performance_pct",
+        "trainable_params",
+        "param_reduction_pct",
+        "train_time_s",
+        "peak_memory_mb",
+        "tokens_per_s",
+    ]
+    return df[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}")
+
+
+def cmd_report(args) -> int:
+    from loraplace.report import build
+
+    paths = build(args.out, args.reference, args.compare)
+    print(_summary_text(paths["summary.csv"]))
+    print(f"\nreport: {paths['report.html']} and {paths['report.md']}")
+    return 0
+
+
 def _add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", "-r", type=int, default=LORA_DEFAULTS["rank"], help="LoRA rank (16)")
     p.add_argument("--alpha", type=float, default=LORA_DEFAULTS["alpha"], help="LoRA alpha (32)")
@@ -86,6 +142,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_lora_args(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("study", help="train every strategy x seed and compare them")
+    p.add_argument("--config", help="YAML config (configs/seed.yaml, configs/offline.yaml, ...)")
+    p.add_argument("--model", help="hub id, local dir, .gguf file, or 'embedded'")
+    p.add_argument(
+        "--data", help="'embedded', a JSON/JSONL file of instruction/input/output, or a datasets id"
+    )
+    p.add_argument("--train-split", help="e.g. 'train[:100]'")
+    p.add_argument("--eval-split", help="e.g. 'train[100:120]'")
+    p.add_argument(
+        "--strategy", action="append", help="built-in or NAME=ROLE[,ROLE...][@LAYERS] (repeatable)"
+    )
+    p.add_argument(
+        "--layer-study", metavar="ROLES", help="add depth strategies for these roles, e.g. attn,mlp"
+    )
+    p.add_argument(
+        "--equal-budget",
+        metavar="STRATEGY",
+        help="solve the other strategies' ranks to this one's size",
+    )
+    p.add_argument(
+        "--seed", type=int, action="append", help="repeatable; every strategy runs with every seed"
+    )
+    p.add_argument("--epochs", type=float)
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)"
+    )
+    p.add_argument(
+        "--out", required=True, help="results folder (finished runs are kept and skipped)"
+    )
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser(
+        "report", help="rebuild tables, statistics, figures and report.html from results"
+    )
+    p.add_argument("out", help="results folder of a study")
+    p.add_argument("--reference", help="reference strategy (default: the study's, else full)")
+    p.add_argument(
+        "--compare", choices=["all", "reference"], help="all pairs, or each against the reference"
+    )
+    p.set_defaults(func=cmd_report)
     return parser
 
 

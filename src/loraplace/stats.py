@@ -112,7 +112,8 @@ def examples_needed(d: np.ndarray, alpha: float = 0.05, power: float = 0.8) -> i
     """Examples a paired two-sided test needs to detect the observed effect.
 
     Uses the normal approximation ``n = ((z_{1-alpha/2} + z_power) / dz)^2`` with
-    ``dz = mean(d) / std(d, ddof=1)``, rounded up and at least 2.
+    ``dz = mean(d) / std(d, ddof=1)``, rounded up, and at least the smallest n at which an
+    exact two-sided Wilcoxon test can reach ``alpha`` at all (2 / 2^n < alpha).
 
     Args:
         d: Per-example differences.
@@ -128,10 +129,11 @@ def examples_needed(d: np.ndarray, alpha: float = 0.05, power: float = 0.8) -> i
     mean, std = float(d.mean()), float(d.std(ddof=1))
     if mean == 0 or math.isnan(mean) or math.isnan(std):
         return None
+    floor = max(2, math.floor(math.log2(2 / alpha)) + 1)  # Wilcoxon's smallest p is 2 / 2^n
     if std == 0:
-        return 2
+        return floor
     z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
-    return max(2, math.ceil((z * std / mean) ** 2))
+    return max(floor, math.ceil((z * std / mean) ** 2))
 
 
 def paired_comparison(
@@ -140,6 +142,7 @@ def paired_comparison(
     n_boot: int = 10000,
     rng_seed: int = 0,
     confidence: float = 0.95,
+    alpha: float = 0.05,
 ) -> dict:
     """Compare two strategies example by example, pooling seeds per example.
 
@@ -149,6 +152,7 @@ def paired_comparison(
         n_boot: Bootstrap resamples of the examples.
         rng_seed: Seed of the bootstrap generator.
         confidence: Coverage of the percentile bootstrap interval.
+        alpha: Significance level the power estimate (``examples_needed``) aims at.
 
     Returns:
         Dict with ``mean_diff`` (mean of a - b; positive means b is better),
@@ -188,7 +192,7 @@ def paired_comparison(
         "n_examples": n,
         "n_seeds": a.shape[0],
         "effect_size": mean_diff / std if std > 0 else math.nan,
-        "examples_needed": examples_needed(d),
+        "examples_needed": examples_needed(d, alpha),
     }
 
 
@@ -199,7 +203,10 @@ def _verdict(a: str, b: str, mean_diff: float, p_adjusted: float, needed: int | 
         return f"{better} has lower eval loss than {worse}"
     if needed is None:
         return "not resolved at this sample size"
-    return f"not resolved at this sample size (about {needed} examples would be needed)"
+    return (
+        f"not resolved at this sample size (about {needed} examples would give 80% power "
+        "for the observed effect at the corrected level)"
+    )
 
 
 def compare_strategies(
@@ -226,6 +233,7 @@ def compare_strategies(
     else:
         pairs = list(combinations(strategies, 2))
     rows = []
+    alpha = 0.05 / max(1, len(pairs))  # Bonferroni level: what Holm asks of the hardest pair
     for a, b in pairs:
         seeds_a = {seed for strategy, seed in per_example if strategy == a}
         seeds_b = {seed for strategy, seed in per_example if strategy == b}
@@ -235,7 +243,11 @@ def compare_strategies(
         losses_a = np.stack([per_example[(a, s)] for s in seeds])
         losses_b = np.stack([per_example[(b, s)] for s in seeds])
         rows.append(
-            {"strategy_a": a, "strategy_b": b, **paired_comparison(losses_a, losses_b, n_boot)}
+            {
+                "strategy_a": a,
+                "strategy_b": b,
+                **paired_comparison(losses_a, losses_b, n_boot, alpha=alpha),
+            }
         )
     table = pd.DataFrame(rows, columns=[c for c in COMPARISON_COLUMNS if c != "verdict"])
     table["p_adjusted"] = holm(table["p_value"].tolist())

@@ -167,3 +167,26 @@ def layer_study(
         Strategy(f"{tag}-{name}", role_set, spec, description=f"{roles}@{spec}")
         for name, spec in specs
     ]
+
+
+def to_dict(strategy: Strategy) -> dict:
+    return {
+        "name": strategy.name,
+        "roles": list(strategy.roles),
+        "layers": strategy.layers,
+        "seed_targets": list(strategy.seed_targets) if strategy.seed_targets else None,
+        "rank_by_role": dict(strategy.rank_by_role),
+        "description": strategy.description,
+    }
+
+
+def from_dict(data: dict) -> Strategy:
+    targets = data.get("seed_targets")
+    return Strategy(
+        data["name"],
+        tuple(data["roles"]),
+        data.get("layers"),
+        tuple(targets) if targets else None,
+        dict(data.get("rank_by_role") or {}),
+        data.get("description", ""),
+    )

@@ -1,0 +1,172 @@
+"""One typed study config: built-in defaults < YAML file < command line.
+
+    cfg = load_config("configs/offline.yaml", overrides={"epochs": 1}, sets=["lr=1e-4"])
+    cfg.to_dict()   # saved with every result
+
+Unknown keys are an error with a "did you mean"; values are checked against the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from loraplace.errors import UserError, did_you_mean
+from loraplace.strategies import SEED_COMPARISON
+
+
+@dataclass
+class StudyConfig:
+    """Everything a study needs. Defaults are the seed document's setup."""
+
+    model: str = "microsoft/DialoGPT-medium"
+    data: str = "tatsu-lab/alpaca"
+    train_split: str = "train[:100]"
+    eval_split: str = "train[100:120]"
+    strategies: list[str] = field(default_factory=lambda: list(SEED_COMPARISON))
+    layer_study: str | None = None  # roles for depth strategies, e.g. "attn,mlp"
+    seeds: list[int] = field(default_factory=lambda: [42])
+    # LoRA
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.1
+    bias: str = "none"
+    equal_budget: str | None = None  # reference strategy: solve the others' ranks to its size
+    # training
+    epochs: float = 3.0
+    batch_size: int = 1
+    grad_accum: int = 4
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    optimizer: str = "adamw_torch"
+    max_length: int = 256
+    loss_on: str = "all"  # all | response
+    # how it runs (none of these change what is computed, only how fast)
+    pad_to: str = "longest"  # longest | max_length (the seed's fixed padding)
+    fuse_accumulation: bool = True  # run the grad_accum micro-batches as one batch
+    device: str = "auto"  # auto | cpu | cuda | mps
+    threads: int | None = None
+    eval_batch_size: int = 4
+    # reporting
+    reference: str = "full"
+    compare: str = "all"  # all pairs, or "reference"
+    generations: int = 3
+    max_new_tokens: int = 48
+    report_to: list[str] = field(default_factory=list)  # wandb, tensorboard
+    wandb_project: str = "loraplace"
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "bias": ("none", "lora_only"),
+    "loss_on": ("all", "response"),
+    "pad_to": ("longest", "max_length"),
+    "device": ("auto", "cpu", "cuda", "mps"),
+    "compare": ("all", "reference"),
+    "scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
+}
+POSITIVE = ("rank", "epochs", "batch_size", "grad_accum", "lr", "max_length", "eval_batch_size")
+FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
+
+
+def _coerce(key: str, value):
+    """Check `value` against the field's type; YAML already parsed numbers and lists."""
+    hint = typing.get_type_hints(StudyConfig)[key]
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    if value is None and optional:
+        return None
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    origin = typing.get_origin(base)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        (item_type,) = typing.get_args(base)
+        return [_scalar(key, v, item_type) for v in items]
+    return _scalar(key, value, base)
+
+
+def _scalar(key: str, value, kind: type):
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    raise UserError(f"config key {key!r} must be {kind.__name__}, got {value!r}")
+
+
+def _check_key(key: str) -> None:
+    if key not in FIELDS:
+        raise UserError(f"unknown config key {key!r}{did_you_mean(key, FIELDS)}")
+
+
+def _validate(cfg: StudyConfig) -> None:
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise UserError(
+                f"config key {key!r} must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}"
+            )
+    for key in POSITIVE:
+        if not getattr(cfg, key) > 0:
+            raise UserError(f"config key {key!r} must be positive, got {getattr(cfg, key)!r}")
+    if not 0 <= cfg.dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
+        raise UserError("dropout and warmup_ratio must be in [0, 1)")
+    if not cfg.seeds:
+        raise UserError("at least one seed is needed")
+    if not cfg.strategies and not cfg.layer_study:
+        raise UserError("at least one strategy is needed")
+    unknown = set(cfg.report_to) - {"wandb", "tensorboard"}
+    if unknown:
+        raise UserError(f"report_to takes wandb and tensorboard, not {', '.join(sorted(unknown))}")
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """'lr=1e-4' -> ('lr', 0.0001); values are read as YAML ('[1, 2]' is a list)."""
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise UserError(f"--set takes KEY=VALUE, got {item!r}")
+    key = key.strip().replace("-", "_")
+    _check_key(key)
+    try:
+        return key, yaml.safe_load(text)
+    except yaml.YAMLError:
+        return key, text
+
+
+def load_config(
+    path: str | None = None, overrides: dict | None = None, sets: list[str] = ()
+) -> StudyConfig:
+    """Defaults < YAML file < flags (`overrides`, None values ignored) < `--set` items."""
+    values: dict = {}
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"config file {path!r} does not exist")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(
+                f"config file {path!r} is not valid YAML ({str(err).splitlines()[0]})"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path!r} must hold a mapping of keys to values")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(dict(parse_set(s) for s in sets))
+    for key in values:
+        _check_key(key)
+    cfg = StudyConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,163 @@
+"""Instruction data: load, slice, format with the Alpaca template, tokenize, collate.
+
+    rows = load_rows("../shared/data/alpaca_head200.json", "train[:100]")
+    examples = tokenize(rows, tokenizer, max_length=256, loss_on="all")
+    batch = Collator(tokenizer.pad_token_id)(examples[:4])   # padded to the longest
+
+Sources: `embedded` (loraplace's own generated data), a local JSON / JSONL file of
+instruction/input/output records, or a Hugging Face datasets id. Labels are built before padding,
+so padding is never trained on while a real EOS always is, even when pad == eos (GPT-2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraplace import embedded_data
+from loraplace.errors import UserError
+
+FIELDS = ("instruction", "input", "output")
+IGNORE = -100
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+EMBEDDED_ROWS = 1000
+
+
+def prompt(row: dict) -> str:
+    return (PROMPT_WITH_INPUT if row.get("input") else PROMPT_NO_INPUT).format(**row)
+
+
+def _slice(spec: str, n_rows: int, source: str) -> slice:
+    m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*(-?\d*)(%?)\s*:\s*(-?\d*)(%?)\s*\])?\s*", spec)
+    if not m:
+        raise UserError(f"split {spec!r} is not of the form train[a:b] (rows a to b-1, or percent)")
+    lo, hi = m[2] or "", m[4] or ""
+    lo = int(lo) * n_rows // 100 if m[3] and lo else int(lo or 0)
+    hi = int(hi) * n_rows // 100 if m[5] and hi else (int(hi) if hi else n_rows)
+    lo, hi = (lo + n_rows if lo < 0 else lo), (hi + n_rows if hi < 0 else hi)
+    if lo >= hi:
+        raise UserError(f"split {spec!r} selects no rows")
+    if hi > n_rows or lo < 0:
+        raise UserError(
+            f"split {spec!r} asks for rows {lo} to {hi - 1} but {source} has {n_rows} rows"
+        )
+    return slice(lo, hi)
+
+
+def _read_file(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(
+            f"data file {str(path)!r} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}"
+        ) from None
+    if isinstance(data, dict):  # {"train": [...]} is accepted too
+        data = data.get("train", data)
+    if not isinstance(data, list):
+        raise UserError(f"data file {str(path)!r} must hold a list of records")
+    return data
+
+
+def _check_rows(rows: list, source: str) -> list[dict]:
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not {"instruction", "output"} <= set(row):
+            raise UserError(f"record {i} of {source} lacks the fields instruction, input, output")
+        if not all(isinstance(row.get(k, ""), str) for k in FIELDS):
+            raise UserError(f"record {i} of {source} has a field that is not text")
+    return [{k: row.get(k, "") or "" for k in FIELDS} for row in rows]
+
+
+def _hub_rows(data: str, split: str) -> list[dict]:
+    import datasets
+
+    name = split.split("[")[0]
+    try:
+        ds = datasets.load_dataset(data, split=name)
+    except Exception as err:  # datasets raises many types for a missing or unreachable dataset
+        raise UserError(
+            f"cannot load dataset {data!r} ({type(err).__name__}); without the Hugging Face hub use "
+            "--data embedded or a local JSON file of instruction/input/output records"
+        ) from None
+    return _check_rows(list(ds), f"dataset {data!r}")
+
+
+def load_rows(data: str, split: str) -> list[dict]:
+    """The records of `split` (e.g. 'train[:100]') from `data`."""
+    if data == "embedded":
+        rows, source = embedded_data.records(EMBEDDED_ROWS), "the embedded dataset"
+    elif Path(data).expanduser().is_file():
+        rows, source = _check_rows(_read_file(Path(data).expanduser()), f"{data!r}"), f"{data!r}"
+    elif data.endswith((".json", ".jsonl")) or data.startswith((".", "/", "~")):
+        raise UserError(f"data file {data!r} does not exist")
+    else:
+        rows, source = _hub_rows(data, split), f"dataset {data!r}"
+    return rows[_slice(split, len(rows), source)]
+
+
+def dataset_name(data: str) -> str:
+    return embedded_data.NAME if data == "embedded" else data
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize(rows: list[dict], tokenizer, max_length: int, loss_on: str = "all") -> list[Example]:
+    """Prompt + response + EOS, truncated to max_length; prompt tokens masked if loss_on='response'."""
+    examples = []
+    for row in rows:
+        head = tokenizer(prompt(row), add_special_tokens=False)["input_ids"]
+        tail = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+        bos = (
+            [tokenizer.bos_token_id]
+            if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
+            else []
+        )
+        ids = (bos + head + tail)[:max_length]
+        n_prompt = len(bos) + len(head)
+        labels = [
+            IGNORE if (loss_on == "response" and i < n_prompt) else t for i, t in enumerate(ids)
+        ]
+        examples.append(Example(ids, labels))
+    return examples
+
+
+@dataclass
+class Collator:
+    """Right-pads a batch to its longest sequence (or to `pad_to` tokens); padding gets no loss."""
+
+    pad_token_id: int
+    pad_to: int | None = None
+
+    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        width = self.pad_to or max(len(e.input_ids) for e in batch)
+        ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e.input_ids)
+            ids[i, :n], labels[i, :n], mask[i, :n] = (
+                torch.tensor(e.input_ids),
+                torch.tensor(e.labels),
+                1,
+            )
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

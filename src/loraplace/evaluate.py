@@ -1,0 +1,72 @@
+"""Evaluation both paths share: token-weighted cross-entropy, kept per example.
+
+    per_example = example_losses(model, examples, collate, batch_size=4)
+    eval_loss = token_weighted(per_example)   # independent of the batch size
+
+Each example's loss is the sum of its target tokens' cross-entropy and their count, so the
+study's eval loss is sum(losses) / sum(tokens) over all target tokens, and the per-example mean
+losses feed the paired statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from loraplace.data import IGNORE
+
+
+@torch.no_grad()
+def example_losses(
+    model, examples, collate, batch_size: int = 4, device: str = "cpu"
+) -> list[tuple[float, int]]:
+    """(sum of token losses, number of target tokens) for every example, in order."""
+    was_training = model.training
+    model.eval()
+    out: list[tuple[float, int]] = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["labels"][:, 1:]  # token t predicts token t + 1
+        losses = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none"
+        )  # (batch, seq - 1)
+        counted = targets != IGNORE
+        for row_loss, row_mask in zip(losses, counted, strict=True):
+            out.append((float(row_loss[row_mask].sum()), int(row_mask.sum())))
+    model.train(was_training)
+    return out
+
+
+def token_weighted(per_example: list[tuple[float, int]]) -> float:
+    tokens = sum(n for _, n in per_example)
+    return sum(s for s, _ in per_example) / tokens if tokens else math.nan
+
+
+def example_means(per_example: list[tuple[float, int]]) -> list[float]:
+    return [s / n if n else math.nan for s, n in per_example]
+
+
+@torch.no_grad()
+def greedy_generations(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, device: str = "cpu"
+) -> list[str]:
+    """Greedy continuations of each prompt (one at a time: no padding effects)."""
+    was_training = model.training
+    model.eval()
+    texts = []
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts.append(
+            tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        )
+    model.train(was_training)
+    return texts

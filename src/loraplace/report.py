@@ -1,0 +1,305 @@
+"""`loraplace report OUT`: tables, statistics, figures and the report, only from result files.
+
+    loraplace report runs/offline     # writes summary.*, aggregate.csv, comparisons.csv,
+                                      # curves.png, tradeoff.png, pareto.png, placement.png,
+                                      # report.md and report.html (one self-contained file)
+
+Runs that failed or are missing are listed, never silently dropped; results from an earlier
+version without per-example losses still give the tables, and the report says what is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from loraplace import plots, stats
+from loraplace.errors import UserError
+from loraplace.results import SUMMARY_COLUMNS, load_results, summary_rows, write_text
+
+HYPERPARAMETERS = (
+    "rank",
+    "alpha",
+    "dropout",
+    "bias",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "scheduler",
+    "warmup_ratio",
+    "weight_decay",
+    "optimizer",
+    "max_length",
+    "loss_on",
+    "pad_to",
+    "fuse_accumulation",
+)
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float | np.floating):
+        if math.isnan(x):
+            return "–"
+        return f"{x:,.0f}" if abs(x) >= 1e4 else f"{x:.4g}"
+    return str(x)
+
+
+def md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _read_config(out: Path) -> dict:
+    path = out / "config.yaml"
+    try:
+        return yaml.safe_load(path.read_text()) or {} if path.is_file() else {}
+    except yaml.YAMLError:
+        return {}
+
+
+def _missing(config: dict, results: list[dict]) -> list[str]:
+    have = {(r["strategy"], r["seed"]) for r in results}
+    names = [s.split("=")[0].strip() for s in config.get("strategies", [])]
+    return [f"{n} seed {s}" for s in config.get("seeds", []) for n in names if (n, s) not in have]
+
+
+def tables(
+    results: list[dict], reference: str, compare: str
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    summary = pd.DataFrame(summary_rows(results, reference), columns=SUMMARY_COLUMNS)
+    agg = stats.aggregate(summary)
+    params = summary.groupby("strategy", sort=False)["trainable_params"].first()
+    agg.insert(2, "trainable_params", agg["strategy"].map(params))
+    per_example = {
+        (r["strategy"], r["seed"]): np.asarray(r["per_example"]["loss"], dtype=float)
+        for r in results
+        if r.get("status") == "ok" and "per_example" in r
+    }
+    names = list(dict.fromkeys(s for s, _ in per_example))
+    ref = reference if compare == "reference" and reference in names else None
+    comparisons = (
+        stats.compare_strategies(per_example, names, reference=ref)
+        if len(names) > 1
+        else pd.DataFrame(columns=stats.COMPARISON_COLUMNS)
+    )
+    return summary, agg, comparisons
+
+
+def _setup(first: dict) -> list[tuple[str, str]]:
+    cfg = first.get("config", {})
+    data = first.get("data", {})
+    rows = [
+        ("model", str(cfg.get("model"))),
+        (
+            "data",
+            f"{data.get('name', cfg.get('data'))}: train {cfg.get('train_split')} ({data.get('train_rows', '?')} rows), eval {cfg.get('eval_split')} ({data.get('eval_rows', '?')} rows, {data.get('eval_target_tokens', '?')} target tokens)",
+        ),
+        (
+            "device",
+            f"{first.get('device')} on {first.get('machine', {}).get('platform')} ({first.get('machine', {}).get('cpus')} CPUs)",
+        ),
+        ("git", str(first.get("git_hash"))),
+        ("packages", ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items() if v)),
+    ]
+    rows += [(k, str(cfg[k])) for k in HYPERPARAMETERS if k in cfg]
+    return rows
+
+
+def build(out: Path, reference: str | None = None, compare: str | None = None) -> dict[str, Path]:
+    """Write every table, figure and report under `out`; return their paths."""
+    out = Path(out)
+    if not out.is_dir():
+        raise UserError(f"results folder {str(out)!r} does not exist")
+    results = load_results(out)
+    if not results:
+        raise UserError(
+            f"no run results under {str(out / 'runs')!r}; run `loraplace study --out {out}` first"
+        )
+    config = _read_config(out)
+    order = [s.split("=")[0].strip() for s in config.get("strategies", [])]
+    results.sort(
+        key=lambda r: (
+            order.index(r["strategy"]) if r["strategy"] in order else len(order),
+            r["strategy"],
+            r["seed"],
+        )
+    )
+    reference = reference or config.get("reference", "full")
+    compare = compare or config.get("compare", "all")
+    summary, agg, comparisons = tables(results, reference, compare)
+    ok = [r for r in results if r.get("status") == "ok"]
+    paths = {
+        name: out / name
+        for name in (
+            "summary.csv",
+            "summary.md",
+            "aggregate.csv",
+            "comparisons.csv",
+            "curves.png",
+            "tradeoff.png",
+            "pareto.png",
+            "placement.png",
+            "report.md",
+            "report.html",
+        )
+    }
+    write_text(paths["summary.csv"], summary.to_csv(index=False))
+    write_text(paths["summary.md"], md_table(summary) + "\n")
+    write_text(paths["aggregate.csv"], agg.to_csv(index=False))
+    write_text(paths["comparisons.csv"], comparisons.to_csv(index=False))
+    if ok:
+        plots.curves(ok, paths["curves.png"])
+        plots.tradeoff(agg, paths["tradeoff.png"])
+        plots.tradeoff(
+            agg, paths["pareto.png"], panels=("trainable_params", "train_time_s", "peak_memory_mb")
+        )
+        plots.placement_map(ok, paths["placement.png"])
+
+    notes = []
+    failed = [
+        f"{r['strategy']} seed {r['seed']}: {r.get('error', 'unknown error')}"
+        for r in results
+        if r.get("status") != "ok"
+    ]
+    missing = _missing(config, results)
+    old = [f"{r['strategy']} seed {r['seed']}" for r in ok if "per_example" not in r]
+    if failed:
+        notes.append("Failed runs (left out of every table below): " + "; ".join(failed))
+    if missing:
+        notes.append("Missing runs (no result file yet): " + ", ".join(missing))
+    if old:
+        notes.append(
+            "Runs without per-example losses (an earlier version; left out of the paired comparisons): "
+            + ", ".join(old)
+        )
+    if agg["n_seeds"].max() < 2:
+        notes.append(
+            "One seed per strategy: the intervals over seeds are empty; run several seeds (--seed 42 --seed 43 --seed 44) to see how much the seed moves the result."
+        )
+
+    blocks = report_blocks(ok[0] if ok else results[0], summary, agg, comparisons, notes, ok, paths)
+    write_text(paths["report.md"], render_md(blocks))
+    write_text(paths["report.html"], render_html(blocks, out))
+    return paths
+
+
+def report_blocks(first, summary, agg, comparisons, notes, ok, paths) -> list[tuple[str, object]]:
+    blocks: list[tuple[str, object]] = [
+        ("h1", "loraplace report: where should the LoRA adapters go?")
+    ]
+    blocks += [("h2", "Setup"), ("table", pd.DataFrame(_setup(first), columns=["", "value"]))]
+    if notes:
+        blocks += [("h2", "What is missing")] + [("p", n) for n in notes]
+    cols = [
+        "strategy",
+        "n_seeds",
+        "trainable_params",
+        "eval_loss_mean",
+        "eval_loss_ci_low",
+        "eval_loss_ci_high",
+        "perplexity_mean",
+        "train_time_s_mean",
+        "peak_memory_mb_mean",
+    ]
+    blocks += [
+        ("h2", "Results (mean over seeds, 95% Student-t interval)"),
+        ("table", agg[[c for c in cols if c in agg]]),
+    ]
+    blocks += [("h2", "Every run"), ("table", summary)]
+    blocks += [("h2", "Paired comparisons on the same evaluation examples")]
+    if len(comparisons):
+        blocks.append(
+            (
+                "p",
+                "mean_diff is the mean per-example loss of strategy_a minus strategy_b (seeds averaged per example first); ci is a 95% percentile bootstrap over examples; p_value is a two-sided Wilcoxon signed-rank test; p_adjusted is Holm-corrected over all comparisons in the table.",
+            )
+        )
+        blocks.append(("table", comparisons.drop(columns=["verdict"])))
+        blocks += [
+            ("p", f"{row.strategy_a} vs {row.strategy_b}: {row.verdict}.")
+            for row in comparisons.itertuples()
+        ]
+    else:
+        blocks.append(("p", "No pair of strategies with per-example losses on common seeds."))
+    for name, title in (
+        ("tradeoff.png", "Trainable parameters against eval loss (dashed: Pareto frontier)"),
+        ("pareto.png", "Parameters, training time and peak memory against eval loss"),
+        ("curves.png", "Loss curves"),
+        ("placement.png", "Where the adapters sit (LoRA rank by layer and role)"),
+    ):
+        if paths[name].is_file():
+            blocks += [("h2", title), ("img", name)]
+    gens = [
+        (r["strategy"], r["generations"])
+        for r in ok
+        if r.get("generations")
+        and r["seed"] == min(x["seed"] for x in ok if x["strategy"] == r["strategy"])
+    ]
+    if gens:
+        blocks.append(("h2", "Greedy generations for evaluation prompts"))
+        for i, g in enumerate(gens[0][1]):
+            rows = [("untrained model", g["base"])] + [
+                (name, gs[i]["adapted"]) for name, gs in gens if i < len(gs)
+            ]
+            blocks += [
+                ("pre", g["prompt"].strip()),
+                ("table", pd.DataFrame(rows, columns=["model", "generation"])),
+            ]
+    return blocks
+
+
+def render_md(blocks) -> str:
+    parts = []
+    for kind, content in blocks:
+        if kind == "h1":
+            parts.append(f"# {content}")
+        elif kind == "h2":
+            parts.append(f"## {content}")
+        elif kind == "p":
+            parts.append(str(content))
+        elif kind == "pre":
+            parts.append("```\n" + str(content) + "\n```")
+        elif kind == "table":
+            parts.append(
+                md_table(
+                    content.map(
+                        lambda v: (
+                            str(v).replace("\n", " ").replace("|", "/") if isinstance(v, str) else v
+                        )
+                    )
+                )
+            )
+        elif kind == "img":
+            parts.append(f"![{content}]({content})")
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(blocks, out: Path) -> str:
+    body = []
+    for kind, content in blocks:
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{html.escape(str(content))}</{kind}>")
+        elif kind == "pre":
+            body.append(f"<pre>{html.escape(str(content))}</pre>")
+        elif kind == "table":
+            body.append(
+                content.to_html(index=False, na_rep="–", float_format=_fmt, border=0, classes="t")
+            )
+        elif kind == "img":
+            data = base64.b64encode((out / content).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(content)}" src="data:image/png;base64,{data}">')
+    style = "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}table.t{border-collapse:collapse;font-size:13px;margin:1em 0}table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}table.t td:first-child{text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}"
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>loraplace report</title><style>{style}</style></head><body>\n'
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )

@@ -1,0 +1,142 @@
+"""Results as data: atomic writes, run discovery, and the summary table built from result files.
+
+write_json(path, obj)                    # never leaves a half-written file
+rows = summary_rows(load_results(out))   # one dict per run, the columns of summary.csv
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+SUMMARY_COLUMNS = [
+    "strategy", "seed", "status", "eval_loss", "perplexity", "base_eval_loss",
+    "relative_performance_pct", "trainable_params", "param_reduction_pct", "train_time_s",
+    "peak_memory_mb", "tokens_per_s", "efficiency_ratio", "time_efficiency",
+]  # fmt: skip
+PACKAGES = (
+    "loraplace",
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "accelerate",
+    "numpy",
+    "scipy",
+)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1, default=str, allow_nan=True) + "\n")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def git_hash() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        )  # fmt: skip
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "versions": versions,
+        "git_hash": git_hash(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+    }
+
+
+def run_dir(out: Path, strategy: str, seed: int) -> Path:
+    return Path(out) / "runs" / strategy / f"seed-{seed}"
+
+
+def load_results(out: Path) -> list[dict]:
+    """Every readable result.json under OUT/runs, in a stable order."""
+    results = []
+    for path in sorted(Path(out).glob("runs/*/seed-*/result.json")):
+        try:
+            results.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return results
+
+
+def _nan_if_none(x):
+    return math.nan if x is None else x
+
+
+def summary_rows(results: list[dict], reference: str = "full") -> list[dict]:
+    """One row per run; comparisons are against `reference` with the same seed."""
+    ok = {(r["strategy"], r["seed"]): r["metrics"] for r in results if r.get("status") == "ok"}
+    rows = []
+    for r in results:
+        row = {c: math.nan for c in SUMMARY_COLUMNS}
+        row.update(strategy=r["strategy"], seed=r["seed"], status=r.get("status", "unknown"))
+        m = r.get("metrics") if r.get("status") == "ok" else None
+        if m:
+            row.update(
+                {
+                    k: m[k]
+                    for k in (
+                        "eval_loss",
+                        "perplexity",
+                        "base_eval_loss",
+                        "trainable_params",
+                        "train_time_s",
+                        "peak_memory_mb",
+                        "tokens_per_s",
+                    )
+                }
+            )
+            ref = ok.get((reference, r["seed"]))
+            if ref:
+                loss_gap = m["eval_loss"] - ref["eval_loss"]
+                saved = ref["trainable_params"] - m["trainable_params"]
+                row["relative_performance_pct"] = 100 * loss_gap / ref["eval_loss"]
+                row["param_reduction_pct"] = 100 * saved / ref["trainable_params"]
+                # eval loss lost per million parameters saved (nan where nothing is saved)
+                row["efficiency_ratio"] = loss_gap / (saved / 1e6) if saved else math.nan
+            row["time_efficiency"] = (m["base_eval_loss"] - m["eval_loss"]) / m["train_time_s"]
+        rows.append({k: _nan_if_none(v) for k, v in row.items()})
+    return rows

@@ -1,0 +1,180 @@
+"""`loraplace study`: every (strategy, seed) run, each in its own process, results never lost.
+
+    loraplace study --config configs/offline.yaml --out runs/offline
+
+Everything a user can get wrong (strategies, model, data, splits, output folder) is checked
+before anything is written. Finished runs with the same settings are skipped on a second call;
+unfinished or failed ones are run again. Each run is a self-contained spec -> result.json unit
+(see `train.py`), run in a fresh process so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from loraplace.config import StudyConfig
+from loraplace.errors import UserError
+from loraplace.results import load_results, run_dir, write_json, write_text
+from loraplace.strategies import Strategy, layer_study, parse_strategy, to_dict
+
+# Keys that change what a run computes; the others (strategy list, reporting) do not.
+NOT_RUN_KEYS = (
+    "strategies",
+    "layer_study",
+    "seeds",
+    "reference",
+    "compare",
+    "report_to",
+    "wandb_project",
+    "equal_budget",
+)
+
+
+def resolve_strategies(cfg: StudyConfig) -> list[Strategy]:
+    strategies = [parse_strategy(s) for s in cfg.strategies]
+    if cfg.layer_study:
+        strategies += layer_study(cfg.layer_study)
+    names = [s.name for s in strategies]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"strategy names must be unique; repeated: {', '.join(dupes)}")
+    return strategies
+
+
+def prepare(cfg: StudyConfig) -> list[Strategy]:
+    """Check model, strategies and data without loading weights; return the runnable strategies."""
+    from loraplace.budget import equalize
+    from loraplace.data import load_rows
+    from loraplace.models import meta_model, resolve
+    from loraplace.placement import place
+    from loraplace.roles import classify
+
+    strategies = resolve_strategies(cfg)
+    modules = classify(meta_model(resolve(cfg.model, cfg.trust_remote_code)))
+    if cfg.equal_budget:
+        if cfg.equal_budget not in [s.name for s in strategies]:
+            raise UserError(
+                f"equal_budget names {cfg.equal_budget!r}, which is not among the strategies"
+            )
+        strategies = equalize(modules, strategies, cfg.equal_budget, cfg.rank)
+    for s in strategies:
+        place(modules, s, cfg.rank, cfg.bias)
+    for split in (cfg.train_split, cfg.eval_split):
+        load_rows(cfg.data, split)
+    return strategies
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".loraplace-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"cannot write to output directory {str(out)!r} ({err.strerror or err})"
+        ) from None
+
+
+def run_settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NOT_RUN_KEYS}
+
+
+def is_done(result: dict | None, spec: dict) -> bool:
+    return (
+        result is not None
+        and result.get("status") == "ok"
+        and run_settings(result.get("config", {})) == run_settings(spec["config"])
+        and result.get("strategy_spec") == spec["strategy"]
+    )
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _env(cfg: StudyConfig, out: Path, name: str) -> dict:
+    env = dict(os.environ)
+    if "wandb" in cfg.report_to:
+        env.setdefault("WANDB_PROJECT", cfg.wandb_project)
+        env.setdefault("WANDB_RUN_GROUP", out.resolve().name)
+        env.setdefault("WANDB_DIR", str(out))
+        if not env.get("WANDB_API_KEY"):
+            env.setdefault("WANDB_MODE", "offline")
+    if "tensorboard" in cfg.report_to:
+        env["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard" / name)
+    return env
+
+
+def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
+    """Run every missing (strategy, seed); return all results found under OUT."""
+    out = Path(out)
+    strategies = prepare(cfg)
+    check_writable(out)
+    write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    existing = {(r["strategy"], r["seed"]): r for r in load_results(out)}
+    jobs = [(s, seed) for seed in cfg.seeds for s in strategies]
+    todo = []
+    for s, seed in jobs:
+        spec = {
+            "config": cfg.to_dict(),
+            "strategy": to_dict(s),
+            "seed": seed,
+            "run_dir": str(run_dir(out, s.name, seed)),
+        }
+        if is_done(existing.get((s.name, seed)), spec):
+            continue
+        todo.append(spec)
+    log(
+        f"study: {len(jobs)} runs ({len(strategies)} strategies x {len(cfg.seeds)} seeds), {len(jobs) - len(todo)} already done"
+    )
+    started, durations = time.perf_counter(), []
+    for i, spec in enumerate(todo, 1):
+        name, seed = spec["strategy"]["name"], spec["seed"]
+        eta = (
+            f", ETA {_fmt(sum(durations) / len(durations) * (len(todo) - i + 1))}"
+            if durations
+            else ""
+        )
+        log(
+            f"run {i}/{len(todo)}: {name} seed {seed} (elapsed {_fmt(time.perf_counter() - started)}{eta})"
+        )
+        folder = Path(spec["run_dir"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "result.json").unlink(missing_ok=True)
+        write_json(folder / "spec.json", spec)
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "loraplace.train", str(folder / "spec.json")],
+            env=_env(cfg, out, f"{name}-seed-{seed}"),
+        )
+        durations.append(time.perf_counter() - t0)
+        if not (folder / "result.json").is_file():  # the process died before it could say why
+            write_json(
+                folder / "result.json",
+                {
+                    "status": "failed",
+                    "strategy": name,
+                    "seed": seed,
+                    "config": spec["config"],
+                    "strategy_spec": spec["strategy"],
+                    "error": f"worker exited with status {proc.returncode}",
+                },
+            )
+        result = load_results_one(folder)
+        status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
+        log(f"  {name} seed {seed}: {status} ({_fmt(durations[-1])})")
+    return load_results(out)
+
+
+def load_results_one(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "result.json").read_text())

@@ -1,0 +1,255 @@
+"""One training run: resolved config in, result out. Self-contained, so any process can run it.
+
+    python -m loraplace.train OUT/runs/full/seed-42/spec.json   # writes result.json beside it
+
+The run loads the model, attaches the planned adapters (checked against the plan), evaluates
+the untrained model, trains with the Hugging Face Trainer, evaluates at every epoch end with the
+shared token-weighted evaluation, and records curves, time, throughput and peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loraplace import __version__
+from loraplace.config import StudyConfig
+from loraplace.data import Collator, dataset_name, load_rows, prompt, tokenize
+from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
+from loraplace.results import environment, write_json
+
+
+def pick_device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # this process only: runs are isolated
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def _callback(evaluate, curves: dict, timing: dict):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        """Train loss per optimizer step; shared evaluation at every epoch end; NaN stops the run."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                curves["train"].append(
+                    {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"]}
+                )
+                if not math.isfinite(logs["loss"]):
+                    raise FloatingPointError(
+                        f"train loss became {logs['loss']} at step {state.global_step}"
+                    )
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            start = time.perf_counter()
+            per_example = evaluate()
+            timing["eval_s"] += time.perf_counter() - start
+            curves["eval"].append(
+                {
+                    "step": state.global_step,
+                    "epoch": round(state.epoch, 4),
+                    "loss": token_weighted(per_example),
+                }
+            )
+            curves["last_eval"] = per_example
+
+    return Recorder()
+
+
+def train_run(spec: dict) -> dict:
+    """Run one (strategy, seed) and return its metrics; raises on failure."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from loraplace.adapters import attach
+    from loraplace.models import load_model, resolve
+    from loraplace.placement import place
+    from loraplace.roles import classify
+    from loraplace.strategies import from_dict
+
+    cfg = StudyConfig(**spec["config"])
+    strategy, seed, run_dir = from_dict(spec["strategy"]), spec["seed"], Path(spec["run_dir"])
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(seed)
+
+    model, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code))
+    model.to(device)
+    train_rows, eval_rows = (
+        load_rows(cfg.data, cfg.train_split),
+        load_rows(cfg.data, cfg.eval_split),
+    )
+    train_set = tokenize(train_rows, tokenizer, cfg.max_length, cfg.loss_on)
+    eval_set = tokenize(eval_rows, tokenizer, cfg.max_length, cfg.loss_on)
+    pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
+    collate = Collator(tokenizer.pad_token_id, pad_to)
+    eval_collate = Collator(tokenizer.pad_token_id)  # both paths: the same evaluation
+
+    def evaluate():
+        return example_losses(model, eval_set, eval_collate, cfg.eval_batch_size, device)
+
+    prompts = [prompt(r) for r in eval_rows[: cfg.generations]]
+    base_per_example = evaluate()
+    placement = place(classify(model), strategy, cfg.rank, cfg.bias)
+    model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
+    base_generations = []
+    if prompts:
+        with model.disable_adapter():
+            base_generations = greedy_generations(
+                model, tokenizer, prompts, cfg.max_new_tokens, device
+            )
+
+    fused = cfg.fuse_accumulation
+    args = TrainingArguments(
+        output_dir=str(run_dir / "trainer"),
+        num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size * (cfg.grad_accum if fused else 1),
+        gradient_accumulation_steps=1 if fused else cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of all steps
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optimizer,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=cfg.report_to or "none",
+        run_name=f"{strategy.name}-seed-{seed}",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=not sys.stderr.isatty() and not os.environ.get("LORAPLACE_PROGRESS"),
+    )
+    curves: dict = {"train": [], "eval": [], "last_eval": None}
+    timing = {"eval_s": 0.0}
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=collate,
+        callbacks=[_callback(evaluate, curves, timing)],
+    )
+    trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    train_time_s = time.perf_counter() - start - timing["eval_s"]
+
+    per_example = curves.pop("last_eval") or evaluate()
+    eval_loss = token_weighted(per_example)
+    if not math.isfinite(eval_loss):
+        raise FloatingPointError(f"eval loss is {eval_loss}")
+    base_eval_loss = token_weighted(base_per_example)
+    trained_tokens = sum(len(e.input_ids) for e in train_set) * cfg.epochs
+    model.save_pretrained(str(run_dir / "adapter"), safe_serialization=True)
+    generations = (
+        greedy_generations(model, tokenizer, prompts, cfg.max_new_tokens, device) if prompts else []
+    )
+    return {
+        "metrics": {
+            "eval_loss": eval_loss,
+            "perplexity": math.exp(eval_loss),
+            "base_eval_loss": base_eval_loss,
+            "trainable_params": placement.trainable_params,
+            "train_time_s": train_time_s,
+            "peak_memory_mb": peak_memory_mb(device),
+            "tokens_per_s": trained_tokens / train_time_s,
+            "optimizer_steps": trainer.state.global_step,
+        },
+        "per_example": {
+            "loss_sum": [s for s, _ in per_example],
+            "tokens": [n for _, n in per_example],
+            "loss": example_means(per_example),
+        },
+        "base_per_example": {"loss": example_means(base_per_example)},
+        "curves": curves,
+        "placement": {
+            "modules": placement.paths,
+            "ranks": placement.ranks,
+            "map": [[m.path, m.layer, m.role, placement.ranks[m.path]] for m in placement.modules],
+            "layers": placement.layers,
+            "literal": placement.literal,
+            "trainable_by_role": placement.trainable_by_role,
+            "trainable_by_layer": {
+                str(k): v for k, v in sorted(placement.trainable_by_layer.items())
+            },
+        },
+        "generations": [
+            {"prompt": p, "base": b, "adapted": g}
+            for p, b, g in zip(prompts, base_generations, generations, strict=True)
+        ],
+        "data": {
+            "name": dataset_name(cfg.data),
+            "train_rows": len(train_rows),
+            "eval_rows": len(eval_rows),
+            "eval_target_tokens": sum(n for _, n in per_example),
+        },
+        "device": device,
+    }
+
+
+def run_spec_file(spec_path: Path) -> int:
+    """Run the spec and write result.json atomically, status ok or failed with its reason."""
+    spec = json.loads(spec_path.read_text())
+    result = {
+        "status": "failed",
+        "strategy": spec["strategy"]["name"],
+        "seed": spec["seed"],
+        "config": spec["config"],
+        "strategy_spec": spec["strategy"],
+        "loraplace_version": __version__,
+        **environment(),
+    }
+    try:
+        result.update(train_run(spec))
+        result["status"] = "ok"
+    except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+    except Exception as err:  # recorded so the study goes on; the traceback is kept for bugs
+        result["error"] = f"{type(err).__name__}: {err}"
+        result["traceback"] = traceback.format_exc()
+    write_json(spec_path.parent / "result.json", result)
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    sys.exit(run_spec_file(Path(sys.argv[1])))
