@@ -24,7 +24,16 @@ DIALOGPT = SHARED / "models" / "dialogpt-medium"
 
 # Every architecture the role classifier must handle, at toy size.
 TINY = {
-    "gpt2": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128, vocab_size=128),
+    "gpt2": dict(
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        n_positions=512,
+        vocab_size=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    ),
     "llama": dict(
         hidden_size=32,
         intermediate_size=64,
@@ -104,7 +113,7 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     vocab = {chr(i): i for i in range(127)}  # one token per ASCII character
     vocab["<|endoftext|>"] = 127
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("(?s)."), "isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"

@@ -51,6 +51,7 @@ class StudyConfig:
     # how it runs (none of these change what is computed, only how fast)
     pad_to: str = "longest"  # longest | max_length (the seed's fixed padding)
     fuse_accumulation: bool = True  # run the grad_accum micro-batches as one batch
+    packing: bool = True  # that batch as one row, no padding (checked exact on the model first)
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None
     eval_batch_size: int = 4
@@ -100,6 +101,11 @@ def _scalar(key: str, value, kind: type):
         return value
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):

@@ -47,6 +47,8 @@ def _slice(spec: str, n_rows: int, source: str) -> slice:
     lo = int(lo) * n_rows // 100 if m[3] and lo else int(lo or 0)
     hi = int(hi) * n_rows // 100 if m[5] and hi else (int(hi) if hi else n_rows)
     lo, hi = (lo + n_rows if lo < 0 else lo), (hi + n_rows if hi < 0 else hi)
+    if lo >= n_rows and n_rows:
+        raise UserError(f"split {spec!r} starts at row {lo} but {source} has {n_rows} rows")
     if lo >= hi:
         raise UserError(f"split {spec!r} selects no rows")
     if hi > n_rows or lo < 0:
@@ -57,14 +59,17 @@ def _slice(spec: str, n_rows: int, source: str) -> slice:
 
 
 def _read_file(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    jsonl = path.suffix == ".jsonl"
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
+        text = path.read_text(encoding="utf-8")
+        data = (
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+            if jsonl
+            else json.loads(text)
+        )
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(
-            f"data file {str(path)!r} is not valid JSON{' lines' if path.suffix == '.jsonl' else ''}"
+            f"data file {str(path)!r} is not valid JSON{' lines' if jsonl else ''}"
         ) from None
     if isinstance(data, dict):  # {"train": [...]} is accepted too
         data = data.get("train", data)
@@ -77,7 +82,7 @@ def _check_rows(rows: list, source: str) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not {"instruction", "output"} <= set(row):
             raise UserError(f"record {i} of {source} lacks the fields instruction, input, output")
-        if not all(isinstance(row.get(k, ""), str) for k in FIELDS):
+        if not all(isinstance(row.get(k) or "", str) for k in FIELDS):
             raise UserError(f"record {i} of {source} has a field that is not text")
     return [{k: row.get(k, "") or "" for k in FIELDS} for row in rows]
 
@@ -101,6 +106,11 @@ def load_rows(data: str, split: str) -> list[dict]:
     if data == "embedded":
         rows, source = embedded_data.records(EMBEDDED_ROWS), "the embedded dataset"
     elif Path(data).expanduser().is_file():
+        name = re.match(r"\s*(\w*)", split)[1]
+        if name and name != "train":
+            raise UserError(
+                f"a local data file has one split, 'train' (slice it: train[a:b]), not {split!r}"
+            )
         rows, source = _check_rows(_read_file(Path(data).expanduser()), f"{data!r}"), f"{data!r}"
     elif data.endswith((".json", ".jsonl")) or data.startswith((".", "/", "~")):
         raise UserError(f"data file {data!r} does not exist")
@@ -134,8 +144,11 @@ def tokenize(rows: list[dict], tokenizer, max_length: int, loss_on: str = "all")
         )
         ids = (bos + head + tail)[:max_length]
         n_prompt = len(bos) + len(head)
+        # Position 0 is never a target (nothing precedes it); marking it keeps Trainer's count of
+        # target tokens, which does not always shift the labels, equal to the true count.
         labels = [
-            IGNORE if (loss_on == "response" and i < n_prompt) else t for i, t in enumerate(ids)
+            IGNORE if i == 0 or (loss_on == "response" and i < n_prompt) else t
+            for i, t in enumerate(ids)
         ]
         examples.append(Example(ids, labels))
     return examples
@@ -161,3 +174,58 @@ class Collator:
                 1,
             )
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class PackedCollator:
+    """Packs a batch into one row with a block-diagonal causal mask: no padding at all.
+
+    Positions restart at every example and no token attends across examples, so each example's
+    loss is what it would be alone; the first token of each example gets no label (nothing
+    before it in its own sequence predicts it). The loss over the row is then the token-weighted
+    mean over the batch, exactly what gradient accumulation over the examples computes.
+    """
+
+    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        ids = torch.tensor([t for e in batch for t in e.input_ids])
+        labels = torch.tensor(
+            [IGNORE if i == 0 else t for e in batch for i, t in enumerate(e.labels)]
+        )
+        positions = torch.cat([torch.arange(len(e.input_ids)) for e in batch])
+        segment = torch.cat([torch.full((len(e.input_ids),), i) for i, e in enumerate(batch)])
+        causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+        mask = causal & (segment[:, None] == segment[None, :])  # (tokens, tokens)
+        return {
+            "input_ids": ids[None],
+            "position_ids": positions[None],
+            "attention_mask": mask[None, None],  # (batch 1, heads 1, tokens, tokens)
+            "labels": labels[None],
+        }
+
+
+@torch.no_grad()
+def packing_is_exact(model, device: str = "cpu", tolerance: float = 1e-4) -> bool:
+    """Check on this model that a packed row gives each example the loss it has alone."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(model.config.vocab_size, 1000)
+    examples = [
+        Example(ids, ids)
+        for ids in (torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (9, 14, 6))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        alone = sum(
+            float(model(**{k: v.to(device) for k, v in Collator(0)([e]).items()}).loss)
+            * (len(e.input_ids) - 1)
+            for e in examples
+        )
+        packed = PackedCollator()(examples)
+        together = float(model(**{k: v.to(device) for k, v in packed.items()}).loss) * sum(
+            len(e.input_ids) - 1 for e in examples
+        )
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    finally:
+        model.train(was_training)
+    return abs(alone - together) <= tolerance * max(1.0, abs(alone))

@@ -51,22 +51,31 @@ def example_means(per_example: list[tuple[float, int]]) -> list[float]:
 
 @torch.no_grad()
 def greedy_generations(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, device: str = "cpu"
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    device: str = "cpu",
+    max_prompt_tokens: int = 256,
 ) -> list[str]:
-    """Greedy continuations of each prompt (one at a time: no padding effects)."""
+    """Greedy continuations of each prompt (one at a time: no padding effects).
+
+    A prompt longer than `max_prompt_tokens` keeps its end, where the response starts.
+    """
     was_training = model.training
     model.eval()
     texts = []
     for text in prompts:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][
+            :, -max_prompt_tokens:
+        ]
         out = model.generate(
-            **ids,
+            input_ids=ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
-        texts.append(
-            tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        )
+        texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     model.train(was_training)
     return texts

@@ -24,7 +24,15 @@ import torch
 
 from loraplace import __version__
 from loraplace.config import StudyConfig
-from loraplace.data import Collator, dataset_name, load_rows, prompt, tokenize
+from loraplace.data import (
+    Collator,
+    PackedCollator,
+    dataset_name,
+    load_rows,
+    packing_is_exact,
+    prompt,
+    tokenize,
+)
 from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
 from loraplace.results import environment, write_json
 
@@ -67,6 +75,11 @@ def _callback(evaluate, curves: dict, timing: dict):
                     raise FloatingPointError(
                         f"train loss became {logs['loss']} at step {state.global_step}"
                     )
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            if grads and not torch.isfinite(torch.stack([g.abs().max() for g in grads])).all():
+                raise FloatingPointError(f"non-finite gradient at step {state.global_step + 1}: the loss diverged")
 
         def on_epoch_end(self, args, state, control, **kwargs):
             start = time.perf_counter()
@@ -111,6 +124,11 @@ def train_run(spec: dict) -> dict:
     eval_set = tokenize(eval_rows, tokenizer, cfg.max_length, cfg.loss_on)
     pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
     collate = Collator(tokenizer.pad_token_id, pad_to)
+    packed = (
+        cfg.packing and cfg.fuse_accumulation and pad_to is None and packing_is_exact(model, device)
+    )
+    if packed:
+        collate = PackedCollator()
     eval_collate = Collator(tokenizer.pad_token_id)  # both paths: the same evaluation
 
     def evaluate():
@@ -124,7 +142,7 @@ def train_run(spec: dict) -> dict:
     if prompts:
         with model.disable_adapter():
             base_generations = greedy_generations(
-                model, tokenizer, prompts, cfg.max_new_tokens, device
+                model, tokenizer, prompts, cfg.max_new_tokens, device, cfg.max_length
             )
 
     fused = cfg.fuse_accumulation
@@ -174,7 +192,9 @@ def train_run(spec: dict) -> dict:
     trained_tokens = sum(len(e.input_ids) for e in train_set) * cfg.epochs
     model.save_pretrained(str(run_dir / "adapter"), safe_serialization=True)
     generations = (
-        greedy_generations(model, tokenizer, prompts, cfg.max_new_tokens, device) if prompts else []
+        greedy_generations(model, tokenizer, prompts, cfg.max_new_tokens, device, cfg.max_length)
+        if prompts
+        else []
     )
     return {
         "metrics": {
@@ -216,6 +236,7 @@ def train_run(spec: dict) -> dict:
             "eval_target_tokens": sum(n for _, n in per_example),
         },
         "device": device,
+        "packed": packed,
     }
 
 

@@ -1,0 +1,240 @@
+"""`loraplace study` through the real CLI on a tiny model, and the fast path against the plain one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+
+import pandas as pd
+import pytest
+from conftest import ALPACA_HEAD
+
+from loraplace.cli import main
+from loraplace.config import StudyConfig
+from loraplace.results import SUMMARY_COLUMNS
+from loraplace.strategies import BUILTINS, to_dict
+from loraplace.train import train_run
+
+TINY_ARGS = [
+    "--data",
+    str(ALPACA_HEAD),
+    "--train-split",
+    "train[:8]",
+    "--eval-split",
+    "train[100:104]",
+    "--epochs",
+    "1",
+    "--set",
+    "max_length=64",
+    "--set",
+    "generations=1",
+    "--set",
+    "max_new_tokens=4",
+    "--set",
+    "report_to=[]",
+]
+
+
+def study(capsys, model_dir, out, *extra) -> tuple[int, str, str]:
+    code = main(["study", "--model", str(model_dir), "--out", str(out), *TINY_ARGS, *extra])
+    o, e = capsys.readouterr()
+    return code, o, e
+
+
+def test_study_end_to_end_then_skips_finished_runs(capsys, tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = study(
+        capsys,
+        tiny_gpt2_dir,
+        out,
+        "--strategy",
+        "full",
+        "--strategy",
+        "seed-attention",
+        "--strategy",
+        "top=ffn@top:2",
+    )
+    assert code == 0, stdout
+    assert "3 runs" in stdout and "0 already done" in stdout
+    for name in (
+        "summary.csv",
+        "summary.md",
+        "curves.png",
+        "tradeoff.png",
+        "report.html",
+        "report.md",
+        "aggregate.csv",
+        "comparisons.csv",
+        "config.yaml",
+    ):
+        assert (out / name).is_file(), name
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == SUMMARY_COLUMNS
+    assert list(summary["strategy"]) == ["full", "seed-attention", "top"]
+    assert (summary["status"] == "ok").all()
+    filled = summary.drop(columns=["efficiency_ratio"]).drop(
+        columns=["relative_performance_pct", "param_reduction_pct"]
+    )
+    assert not filled.isna().any().any()
+    full = summary.set_index("strategy").loc["full"]
+    assert full["relative_performance_pct"] == 0 and full["param_reduction_pct"] == 0
+    assert math.isclose(full["perplexity"], math.exp(full["eval_loss"]), rel_tol=1e-9)
+    top = summary.set_index("strategy").loc["top"]
+    assert top["trainable_params"] < full["trainable_params"] and top["param_reduction_pct"] > 0
+    assert not math.isnan(top["efficiency_ratio"])
+    result = json.loads((out / "runs/top/seed-42/result.json").read_text())
+    assert result["status"] == "ok" and result["placement"]["layers"] == [2, 3]
+    assert len(result["per_example"]["loss"]) == 4
+    assert result["config"]["max_length"] == 64 and result["versions"]["peft"]
+    assert (out / "runs/top/seed-42/adapter/adapter_model.safetensors").is_file()
+    before = (out / "runs/full/seed-42/result.json").stat().st_mtime_ns
+
+    code, stdout, _ = study(
+        capsys,
+        tiny_gpt2_dir,
+        out,
+        "--strategy",
+        "full",
+        "--strategy",
+        "seed-attention",
+        "--strategy",
+        "top=ffn@top:2",
+    )
+    assert code == 0 and "3 already done" in stdout and "run 1/" not in stdout
+    assert (out / "runs/full/seed-42/result.json").stat().st_mtime_ns == before
+
+
+def _spec(model_dir, tmp_path, **overrides) -> dict:
+    cfg = StudyConfig(
+        model=str(model_dir),
+        data=str(ALPACA_HEAD),
+        train_split="train[:8]",
+        eval_split="train[100:104]",
+        epochs=2,
+        max_length=64,
+        generations=0,
+        **overrides,
+    )
+    return {
+        "config": cfg.to_dict(),
+        "strategy": to_dict(BUILTINS["full"]),
+        "seed": 42,
+        "run_dir": str(tmp_path / "run"),
+    }
+
+
+def test_same_seed_same_eval_loss(tiny_gpt2_dir, tmp_path):
+    a = train_run(_spec(tiny_gpt2_dir, tmp_path))
+    b = train_run(_spec(tiny_gpt2_dir, tmp_path))
+    assert a["metrics"]["eval_loss"] == b["metrics"]["eval_loss"]
+    assert a["curves"]["train"] == b["curves"]["train"]
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"packing": False},  # fused batch, padded to its longest
+        {"packing": False, "fuse_accumulation": False},  # micro-batches, padded to their longest
+        {},  # fused and packed (the default)
+    ],
+)
+def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
+    """LoRA and model dropout off so runs are deterministic: every switch gives the plain curve.
+
+    The plain pipeline is the seed's: batch 1 x grad-accum 4, every example padded to max_length.
+    Tolerance: 1e-4 relative, float32 summation order only.
+    """
+    plain = train_run(
+        _spec(
+            tiny_gpt2_dir,
+            tmp_path,
+            dropout=0.0,
+            pad_to="max_length",
+            fuse_accumulation=False,
+            packing=False,
+        )
+    )
+    fast = train_run(_spec(tiny_gpt2_dir, tmp_path, dropout=0.0, **switches))
+    assert fast["packed"] == (switches == {})
+    plain_curve = [p["loss"] for p in plain["curves"]["train"]]
+    fast_curve = [p["loss"] for p in fast["curves"]["train"]]
+    assert len(plain_curve) == len(fast_curve) == 4  # 8 rows / 4 per step x 2 epochs
+    assert fast_curve == pytest.approx(plain_curve, rel=1e-4)
+    assert fast["metrics"]["eval_loss"] == pytest.approx(plain["metrics"]["eval_loss"], rel=1e-4)
+
+
+def test_failed_run_is_recorded_and_the_study_goes_on(capsys, tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = study(
+        capsys,
+        tiny_gpt2_dir,
+        out,
+        "--strategy",
+        "full",
+        "--strategy",
+        "attention",
+        "--set",
+        "lr=1e38",
+    )
+    assert code == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary["status"]) == ["failed", "failed"]
+    result = json.loads((out / "runs/full/seed-42/result.json").read_text())
+    # alpha 1e30 makes the first update overflow; the reason is kept and the next run still runs
+    assert "overflow" in result["error"] or "non-finite" in result["error"]
+    assert "FAILED" in stdout and "run 2/2: attention" in stdout
+    assert "Failed runs" in (out / "report.md").read_text()
+
+
+BAD = [
+    (["--data", "/nope/missing.json"], "does not exist"),
+    (["--set", "rank=0"], "'rank' must be positive"),
+    (["--epochs", "0"], "'epochs' must be positive"),
+    (["--set", "epoch=2"], "did you mean 'epochs'"),
+    (["--train-split", "train[5:5]"], "selects no rows"),
+    (["--eval-split", "train[190:260]"], "has 200 rows"),
+    (["--data", "nobody/no-such-dataset"], "cannot load dataset 'nobody/no-such-dataset'"),
+    (["--strategy", "atention"], "did you mean 'attention'"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD)
+def test_bad_input_one_sentence_nothing_written(capsys, tiny_gpt2_dir, tmp_path, extra, message):
+    out = tmp_path / "out"
+    code, _, err = study(capsys, tiny_gpt2_dir, out, *extra)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_bad_data_files(capsys, tiny_gpt2_dir, tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    lacking = tmp_path / "lacking.json"
+    lacking.write_text(json.dumps([{"instruction": "hi", "input": ""}] * 200))
+    for path, message in (
+        (broken, "is not valid JSON"),
+        (lacking, "lacks the fields instruction, input, output"),
+    ):
+        code, _, err = study(capsys, tiny_gpt2_dir, tmp_path / "out", "--data", str(path))
+        assert code == 2 and message in err, err
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output(capsys, tiny_gpt2_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    code, _, err = study(capsys, tiny_gpt2_dir, locked / "out")
+    assert code == 2 and "cannot write to output directory" in err
+
+
+def test_output_that_is_a_file(capsys, tiny_gpt2_dir, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    code, _, err = study(capsys, tiny_gpt2_dir, target)
+    assert code == 2 and "cannot write to output directory" in err
+    assert target.read_text() == "keep me"
