@@ -123,3 +123,17 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     model.config.eos_token_id = model.config.bos_token_id = 127
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tiny_gpt2_dir, tmp_path_factory) -> Path:
+    """A finished two-seed study of three strategies on the tiny model, built through the CLI."""
+    from loraplace.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-study") / "out"
+    argv = ["study", "--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD), "--train-split", "train[:8]",
+            "--eval-split", "train[100:106]", "--epochs", "1", "--strategy", "full", "--strategy", "attention",
+            "--strategy", "ffn", "--seed", "1", "--seed", "2", "--set", "max_length=64", "--set", "generations=2",
+            "--set", "max_new_tokens=4", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out

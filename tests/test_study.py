@@ -137,7 +137,9 @@ def test_same_seed_same_eval_loss(tiny_gpt2_dir, tmp_path):
     [
         {"packing": False},  # fused batch, padded to its longest
         {"packing": False, "fuse_accumulation": False},  # micro-batches, padded to their longest
-        {},  # fused and packed (the default)
+        {},  # packed in chunks of at most max_length tokens, one chunk at a time (the default)
+        {"pack_tokens": 128},  # two examples per chunk
+        {"pack_tokens": 4096},  # the whole step in one packed row
     ],
 )
 def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
@@ -157,7 +159,7 @@ def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
         )
     )
     fast = train_run(_spec(tiny_gpt2_dir, tmp_path, dropout=0.0, **switches))
-    assert fast["packed"] == (switches == {})
+    assert fast["packed"] == ("packing" not in switches)
     plain_curve = [p["loss"] for p in plain["curves"]["train"]]
     fast_curve = [p["loss"] for p in fast["curves"]["train"]]
     assert len(plain_curve) == len(fast_curve) == 4  # 8 rows / 4 per step x 2 epochs

@@ -44,7 +44,8 @@ def cmd_plan(args) -> int:
     from loraplace.planning import plan_model, render, to_json
 
     strategies = _strategies(args)
-    plan = plan_model(resolve(args.model, args.trust_remote_code), strategies, args.rank, args.bias)
+    source = resolve(args.model, args.trust_remote_code)
+    plan = plan_model(source, strategies, args.rank, args.bias, args.equal_budget)
     if args.json:
         print(json.dumps(to_json(plan), indent=2))
     else:
@@ -53,22 +54,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from loraplace.config import load_config
     from loraplace.report import build
     from loraplace.runner import run_study
 
-    overrides = {
-        "model": args.model,
-        "data": args.data,
-        "train_split": args.train_split,
-        "eval_split": args.eval_split,
-        "strategies": args.strategy,
-        "seeds": args.seed,
-        "epochs": args.epochs,
-        "layer_study": args.layer_study,
-        "equal_budget": args.equal_budget,
-    }
-    cfg = load_config(args.config, overrides, args.set or [])
+    cfg = _study_config(args)
     run_study(cfg, args.out, log=lambda line: print(line, flush=True))
     paths = build(args.out)
     print()
@@ -108,6 +97,70 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (configs/seed.yaml, configs/offline.yaml, ...)")
+    p.add_argument("--model", help="hub id, local dir, .gguf file, or 'embedded'")
+    p.add_argument(
+        "--data", help="'embedded', a JSON/JSONL file of instruction/input/output, or a datasets id"
+    )
+    p.add_argument("--train-split", help="e.g. 'train[:100]'")
+    p.add_argument("--eval-split", help="e.g. 'train[100:120]'")
+    p.add_argument(
+        "--strategy", action="append", help="built-in or NAME=ROLE[,ROLE...][@LAYERS] (repeatable)"
+    )
+    p.add_argument(
+        "--layer-study", metavar="ROLES", help="add depth strategies for these roles, e.g. attn,mlp"
+    )
+    p.add_argument(
+        "--equal-budget",
+        metavar="STRATEGY",
+        help="solve the other strategies' ranks to this one's size",
+    )
+    p.add_argument(
+        "--seed", type=int, action="append", help="repeatable; every strategy runs with every seed"
+    )
+    p.add_argument("--epochs", type=float)
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)"
+    )
+
+
+def _study_config(args, defaults: dict | None = None):
+    from loraplace.config import load_config
+
+    overrides = {
+        **(defaults or {}),
+        "model": args.model,
+        "data": args.data,
+        "train_split": args.train_split,
+        "eval_split": args.eval_split,
+        "strategies": args.strategy,
+        "seeds": args.seed,
+        "epochs": args.epochs,
+        "layer_study": args.layer_study,
+        "equal_budget": args.equal_budget,
+    }
+    if defaults:  # a flag given on the command line still wins over these defaults
+        overrides = {k: (v if v is not None else defaults.get(k)) for k, v in overrides.items()}
+    return load_config(args.config, overrides, args.set or [])
+
+
+def cmd_bench(args) -> int:
+    from loraplace.bench import render, run_bench
+
+    defaults = (
+        {}
+        if args.config
+        else {"model": "embedded", "data": "embedded", "strategies": ["full", "attention", "ffn"]}
+    )
+    cfg = _study_config(args, defaults)
+    report = run_bench(cfg, args.out, log=lambda line: print(line, flush=True))
+    print()
+    print(render(report))
+    print(f"results: {args.out}/bench.json and {args.out}/bench.md")
+    return 0
+
+
 def _add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", "-r", type=int, default=LORA_DEFAULTS["rank"], help="LoRA rank (16)")
     p.add_argument("--alpha", type=float, default=LORA_DEFAULTS["alpha"], help="LoRA alpha (32)")
@@ -136,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layer-study", metavar="ROLES", help="add depth strategies for these roles, e.g. attn,mlp"
     )
+    p.add_argument("--equal-budget", metavar="STRATEGY", help="solve the others' ranks to this one's size")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow a hub model's own code (off)"
@@ -144,35 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("study", help="train every strategy x seed and compare them")
-    p.add_argument("--config", help="YAML config (configs/seed.yaml, configs/offline.yaml, ...)")
-    p.add_argument("--model", help="hub id, local dir, .gguf file, or 'embedded'")
-    p.add_argument(
-        "--data", help="'embedded', a JSON/JSONL file of instruction/input/output, or a datasets id"
-    )
-    p.add_argument("--train-split", help="e.g. 'train[:100]'")
-    p.add_argument("--eval-split", help="e.g. 'train[100:120]'")
-    p.add_argument(
-        "--strategy", action="append", help="built-in or NAME=ROLE[,ROLE...][@LAYERS] (repeatable)"
-    )
-    p.add_argument(
-        "--layer-study", metavar="ROLES", help="add depth strategies for these roles, e.g. attn,mlp"
-    )
-    p.add_argument(
-        "--equal-budget",
-        metavar="STRATEGY",
-        help="solve the other strategies' ranks to this one's size",
-    )
-    p.add_argument(
-        "--seed", type=int, action="append", help="repeatable; every strategy runs with every seed"
-    )
-    p.add_argument("--epochs", type=float)
-    p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)"
-    )
+    _add_study_args(p)
     p.add_argument(
         "--out", required=True, help="results folder (finished runs are kept and skipped)"
     )
     p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("bench", help="the study the plain way and loraplace's way, side by side")
+    _add_study_args(p)
+    p.add_argument("--out", default="runs/bench", help="benchmark folder (runs/bench)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "report", help="rebuild tables, statistics, figures and report.html from results"

@@ -51,7 +51,8 @@ class StudyConfig:
     # how it runs (none of these change what is computed, only how fast)
     pad_to: str = "longest"  # longest | max_length (the seed's fixed padding)
     fuse_accumulation: bool = True  # run the grad_accum micro-batches as one batch
-    packing: bool = True  # that batch as one row, no padding (checked exact on the model first)
+    packing: bool = True  # that batch without padding (checked exact on the model first)
+    pack_tokens: int | None = None  # tokens per packed forward; None: max_length (plain's memory)
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None
     eval_batch_size: int = 4
@@ -77,6 +78,7 @@ CHOICES = {
     "scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
 }
 POSITIVE = ("rank", "epochs", "batch_size", "grad_accum", "lr", "max_length", "eval_batch_size")
+POSITIVE_OR_NONE = ("pack_tokens", "threads")
 FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
 
 
@@ -127,6 +129,11 @@ def _validate(cfg: StudyConfig) -> None:
     for key in POSITIVE:
         if not getattr(cfg, key) > 0:
             raise UserError(f"config key {key!r} must be positive, got {getattr(cfg, key)!r}")
+    for key in POSITIVE_OR_NONE:
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise UserError(
+                f"config key {key!r} must be positive or null, got {getattr(cfg, key)!r}"
+            )
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
         raise UserError("dropout and warmup_ratio must be in [0, 1)")
     if not cfg.seeds:

@@ -178,15 +178,21 @@ class Collator:
 
 @dataclass
 class PackedCollator:
-    """Packs a batch into one row with a block-diagonal causal mask: no padding at all.
+    """Packs a batch into rows with a block-diagonal causal mask: no padding at all.
 
     Positions restart at every example and no token attends across examples, so each example's
     loss is what it would be alone; the first token of each example gets no label (nothing
-    before it in its own sequence predicts it). The loss over the row is then the token-weighted
-    mean over the batch, exactly what gradient accumulation over the examples computes.
+    before it in its own sequence predicts it). The loss over a row is then the token-weighted
+    mean over its examples, exactly what gradient accumulation over the examples computes.
+
+    With `max_tokens`, examples are packed in order into chunks of at most that many tokens
+    (an example longer than that is a chunk of its own), returned as
+    {"chunks": [row, ...], "labels": all labels}, for `ChunkedTrainer` to run one at a time.
     """
 
-    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+    max_tokens: int | None = None
+
+    def pack(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         ids = torch.tensor([t for e in batch for t in e.input_ids])
         labels = torch.tensor(
             [IGNORE if i == 0 else t for e in batch for i, t in enumerate(e.labels)]
@@ -201,6 +207,20 @@ class PackedCollator:
             "attention_mask": mask[None, None],  # (batch 1, heads 1, tokens, tokens)
             "labels": labels[None],
         }
+
+    def __call__(self, batch: list[Example]) -> dict:
+        if self.max_tokens is None:
+            return self.pack(batch)
+        groups: list[list[Example]] = [[]]
+        for e in batch:
+            if (
+                groups[-1]
+                and sum(len(x.input_ids) for x in groups[-1]) + len(e.input_ids) > self.max_tokens
+            ):
+                groups.append([])
+            groups[-1].append(e)
+        chunks = [self.pack(g) for g in groups]
+        return {"chunks": chunks, "labels": torch.cat([c["labels"] for c in chunks], dim=1)}
 
 
 @torch.no_grad()
@@ -220,7 +240,7 @@ def packing_is_exact(model, device: str = "cpu", tolerance: float = 1e-4) -> boo
             * (len(e.input_ids) - 1)
             for e in examples
         )
-        packed = PackedCollator()(examples)
+        packed = PackedCollator().pack(examples)
         together = float(model(**{k: v.to(device) for k, v in packed.items()}).loss) * sum(
             len(e.input_ids) - 1 for e in examples
         )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraplace.budget import equalize
+from loraplace.errors import UserError
 from loraplace.models import ModelSource, base_params, meta_model
 from loraplace.placement import Placement, place
 from loraplace.roles import ROLES, LinearModule, classify, num_layers
@@ -24,10 +26,16 @@ class ModelPlan:
 
 
 def plan_model(
-    source: ModelSource, strategies: list[Strategy], rank: int, bias: str = "none"
+    source: ModelSource, strategies: list[Strategy], rank: int, bias: str = "none", equal_budget: str | None = None
 ) -> ModelPlan:
+    """Plan every strategy on the model's architecture; with `equal_budget`, ranks are solved
+    so each strategy trains as many parameters as that one."""
     model = meta_model(source)
     modules = classify(model)
+    if equal_budget:
+        if equal_budget not in [s.name for s in strategies]:
+            raise UserError(f"equal budget reference {equal_budget!r} is not among the strategies")
+        strategies = equalize(modules, strategies, equal_budget, rank)
     placements = [place(modules, s, rank, bias) for s in strategies]
     return ModelPlan(source.name, base_params(model), num_layers(modules), modules, placements)
 
@@ -97,7 +105,10 @@ def render(plan: ModelPlan, rank: int, alpha: float, dropout: float, bias: str) 
     for p in plan.placements:
         layers = p.strategy.layers or "all"
         reduction = f"{100 * (1 - p.trainable_params / full):.1f}%" if full else "-"
-        by_role = "  ".join(f"{r} {n:,}" for r, n in p.trainable_by_role.items())
+        ranks = p.strategy.rank_by_role
+        by_role = "  ".join(
+            f"{r} {n:,}" + (f" (r={ranks[r]})" if r in ranks else "") for r, n in p.trainable_by_role.items()
+        )
         lines.append(
             f"{p.strategy.name:<18}{layers:<12}{len(p.modules):>8}{p.trainable_params:>13,}"
             f"{100 * p.trainable_params / plan.base_params:>8.3f}%{reduction:>9}  {by_role}"

@@ -79,7 +79,9 @@ def _callback(evaluate, curves: dict, timing: dict):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
             if grads and not torch.isfinite(torch.stack([g.abs().max() for g in grads])).all():
-                raise FloatingPointError(f"non-finite gradient at step {state.global_step + 1}: the loss diverged")
+                raise FloatingPointError(
+                    f"non-finite gradient at step {state.global_step + 1}: the loss diverged"
+                )
 
         def on_epoch_end(self, args, state, control, **kwargs):
             start = time.perf_counter()
@@ -97,11 +99,37 @@ def _callback(evaluate, curves: dict, timing: dict):
     return Recorder()
 
 
+def _chunked_trainer():
+    from transformers import Trainer
+
+    from loraplace.data import IGNORE
+
+    class ChunkedTrainer(Trainer):
+        """Runs one optimizer step's packed chunks one at a time, each weighted by its share of
+        the step's target tokens: the gradient of the fused batch, the memory of one chunk."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            model.train()
+            chunks = inputs["chunks"]
+            counts = [int((c["labels"][..., 1:] != IGNORE).sum()) for c in chunks]
+            total = None
+            for chunk, count in zip(chunks, counts, strict=True):
+                loss = model(**self._prepare_inputs(chunk)).loss * (count / sum(counts))
+                self.accelerator.backward(loss)
+                total = loss.detach() if total is None else total + loss.detach()
+            return total
+
+    return ChunkedTrainer
+
+
 def train_run(spec: dict) -> dict:
     """Run one (strategy, seed) and return its metrics; raises on failure."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
+    ChunkedTrainer = _chunked_trainer()
+
     from loraplace.adapters import attach
+    from loraplace.bench import architecture
     from loraplace.models import load_model, resolve
     from loraplace.placement import place
     from loraplace.roles import classify
@@ -128,7 +156,7 @@ def train_run(spec: dict) -> dict:
         cfg.packing and cfg.fuse_accumulation and pad_to is None and packing_is_exact(model, device)
     )
     if packed:
-        collate = PackedCollator()
+        collate = PackedCollator(cfg.pack_tokens or cfg.max_length)
     eval_collate = Collator(tokenizer.pad_token_id)  # both paths: the same evaluation
 
     def evaluate():
@@ -137,6 +165,7 @@ def train_run(spec: dict) -> dict:
     prompts = [prompt(r) for r in eval_rows[: cfg.generations]]
     base_per_example = evaluate()
     placement = place(classify(model), strategy, cfg.rank, cfg.bias)
+    arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
     model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
     base_generations = []
     if prompts:
@@ -170,7 +199,7 @@ def train_run(spec: dict) -> dict:
     )
     curves: dict = {"train": [], "eval": [], "last_eval": None}
     timing = {"eval_s": 0.0}
-    trainer = Trainer(
+    trainer = (ChunkedTrainer if packed else Trainer)(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -237,6 +266,7 @@ def train_run(spec: dict) -> dict:
         },
         "device": device,
         "packed": packed,
+        "architecture": arch,
     }
 
 

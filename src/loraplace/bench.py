@@ -1,0 +1,190 @@
+"""`loraplace bench`: the same study the plain way and loraplace's way, side by side.
+
+    loraplace bench --data ../shared/data/alpaca_head200.json --out runs/bench
+
+(a) plain: the seed's pipeline, Hugging Face Trainer + PEFT, every example padded to
+    max_length, batch 1 x grad-accum 4, one placement after another, each in a fresh process
+    that reloads the model; (b) loraplace: no padding (examples packed with a block-diagonal
+    mask, in chunks no longer than max_length), the 4 micro-batches as one optimizer step.
+Both are evaluated by the same code. The runs alternate (a, b, a, b, ...) so both see the
+machine in the same state. Results: OUT/bench.json and OUT/bench.md. Not a test: no asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from loraplace.config import StudyConfig
+from loraplace.results import write_json, write_text
+
+PLAIN = {"pad_to": "max_length", "fuse_accumulation": False, "packing": False}
+
+
+def matmul_peak_gflops(size: int = 2048, reps: int = 8) -> float:
+    """Best float32 matrix-product rate of this machine, in GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def training_flops(result: dict, lengths: list[int], epochs: float) -> float:
+    """The arithmetic training really needs: real tokens only, no padding, no masked blocks.
+
+    Per token, every frozen linear (decoder blocks and output head) costs 2*in*out forward and
+    2*in*out backward (input gradient only); every adapter 2*r*(in+out) forward and twice that
+    backward (input and weight gradients); causal attention 4*L*d per layer forward for a
+    sequence of L tokens (half of L^2 scores, QK and AV), twice that backward.
+    """
+    arch = result["architecture"]
+    tokens = sum(lengths)
+    frozen = 4 * arch["linear_macs_per_token"] * tokens
+    lora = 6 * 2 * sum(r * (i + o) for _, i, o, r in arch["adapters"]) * tokens
+    attention = 3 * 4 * arch["n_layers"] * arch["attn_dim"] * sum(n * n / 2 for n in lengths)
+    return (frozen + lora + attention) * epochs
+
+
+def _row(name: str, plain: dict, fast: dict, peak: float, flops: tuple[float, float]) -> dict:
+    row = {"strategy": name}
+    for tag, r, f in (("plain", plain, flops[0]), ("loraplace", fast, flops[1])):
+        m = r.get("metrics", {})
+        row[f"{tag}_wall_s"] = r["wall_s"]
+        row[f"{tag}_train_s"] = m.get("train_time_s")
+        row[f"{tag}_tokens_per_s"] = m.get("tokens_per_s")
+        row[f"{tag}_gflops"] = f / m["train_time_s"] / 1e9 if m else None
+        row[f"{tag}_mfu_pct"] = 100 * row[f"{tag}_gflops"] / peak if m else None
+        row[f"{tag}_peak_memory_mb"] = m.get("peak_memory_mb")
+        row[f"{tag}_eval_loss"] = m.get("eval_loss")
+    row["speedup"] = plain["wall_s"] / fast["wall_s"]
+    if plain.get("metrics") and fast.get("metrics"):
+        a, b = plain["metrics"]["eval_loss"], fast["metrics"]["eval_loss"]
+        row["eval_loss_diff_pct"] = 100 * (b - a) / a
+    return row
+
+
+def render(report: dict) -> str:
+    cols = [("strategy", "strategy"), ("plain_wall_s", "plain wall s"), ("loraplace_wall_s", "loraplace wall s"), ("speedup", "speedup"),
+            ("plain_tokens_per_s", "plain tok/s"), ("loraplace_tokens_per_s", "loraplace tok/s"), ("plain_mfu_pct", "plain MFU %"),
+            ("loraplace_mfu_pct", "loraplace MFU %"), ("plain_peak_memory_mb", "plain peak MB"), ("loraplace_peak_memory_mb", "loraplace peak MB"),
+            ("plain_eval_loss", "plain eval loss"), ("loraplace_eval_loss", "loraplace eval loss"), ("eval_loss_diff_pct", "eval loss diff %")]  # fmt: skip
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for row in report["rows"] + [report["total"]]:
+        cells = []
+        for key, _ in cols:
+            v = row.get(key)
+            cells.append("–" if v is None else f"{v:,.2f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    head = (
+        f"Machine: {report['machine']}; float32 matmul peak measured at {report['peak_gflops']:.0f} GFLOP/s. "
+        f"Study: {report['study']}. MFU counts only the arithmetic training needs (real tokens, "
+        "no padding) over training time."
+    )
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
+    from loraplace.data import load_rows, tokenize
+    from loraplace.models import load_model, resolve
+    from loraplace.runner import prepare, run_study
+
+    out = Path(out)
+    strategies = prepare(cfg)
+    peak = matmul_peak_gflops()
+    log(
+        f"bench: float32 matmul peak {peak:.0f} GFLOP/s; {len(strategies)} strategies, plain and loraplace alternating"
+    )
+    _, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code))
+    lengths = [
+        len(e.input_ids)
+        for e in tokenize(
+            load_rows(cfg.data, cfg.train_split), tokenizer, cfg.max_length, cfg.loss_on
+        )
+    ]
+    results: dict[str, dict] = {"plain": {}, "loraplace": {}}
+    for s in strategies:
+        for tag, extra in (("plain", PLAIN), ("loraplace", {})):
+            folder = out / tag
+            shutil.rmtree(folder / "runs" / s.name, ignore_errors=True)
+            run_cfg = replace(
+                cfg,
+                strategies=[s.name] if not s.rank_by_role else cfg.strategies,
+                generations=0,
+                report_to=[],
+                **extra,
+            )
+            start = time.perf_counter()
+            found = run_study(run_cfg, folder, log=lambda line, t=tag: log(f"[{t}] {line}"))
+            result = next(r for r in found if r["strategy"] == s.name)
+            result["wall_s"] = time.perf_counter() - start
+            results[tag][s.name] = result
+    rows = []
+    for s in strategies:
+        plain, fast = results["plain"][s.name], results["loraplace"][s.name]
+        flops = tuple(
+            training_flops(r, lengths, cfg.epochs) if r.get("architecture") else 0.0
+            for r in (plain, fast)
+        )
+        rows.append(_row(s.name, plain, fast, peak, flops))
+    total = {"strategy": "total"}
+    for key in ("plain_wall_s", "loraplace_wall_s", "plain_train_s", "loraplace_train_s"):
+        total[key] = sum(r[key] or 0 for r in rows)
+    total["speedup"] = total["plain_wall_s"] / total["loraplace_wall_s"]
+    for tag in ("plain", "loraplace"):
+        total[f"{tag}_peak_memory_mb"] = max(r[f"{tag}_peak_memory_mb"] or 0 for r in rows)
+        train_s = sum(r[f"{tag}_train_s"] or 0 for r in rows)
+        gflop = sum((r[f"{tag}_gflops"] or 0) * (r[f"{tag}_train_s"] or 0) for r in rows)
+        total[f"{tag}_gflops"] = gflop / train_s if train_s else None
+        total[f"{tag}_mfu_pct"] = 100 * total[f"{tag}_gflops"] / peak if train_s else None
+        total[f"{tag}_tokens_per_s"] = (
+            sum(lengths) * cfg.epochs * len(rows) / train_s if train_s else None
+        )
+    first = next(iter(results["loraplace"].values()))
+    report = {
+        "study": f"{cfg.model} on {cfg.data} {cfg.train_split} / {cfg.eval_split}, {cfg.epochs:g} epochs, "
+        f"{', '.join(s.name for s in strategies)}, seed {cfg.seeds[0]}",
+        "machine": f"{first.get('machine', {}).get('platform')}, {first.get('machine', {}).get('cpus')} CPUs, device {first.get('device')}",
+        "peak_gflops": peak,
+        "train_tokens_per_epoch": sum(lengths),
+        "rows": rows,
+        "total": total,
+        "config": cfg.to_dict(),
+    }
+    write_json(out / "bench.json", report)
+    write_text(out / "bench.md", render(report))
+    return report
+
+
+def architecture(model, placement) -> dict:
+    """What the FLOP count needs to know about a model and its adapters, from the run itself."""
+    from loraplace.roles import classify, hidden_size, num_layers
+
+    modules = classify(model)
+    head = model.get_output_embeddings()
+    macs = sum(m.in_features * m.out_features for m in modules if m.layer is not None)
+    macs += head.weight.shape[0] * head.weight.shape[1]
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or hidden_size(model) // (heads or 1)
+    return {
+        "linear_macs_per_token": macs,
+        "n_layers": num_layers(modules),
+        "attn_dim": (heads or 1) * head_dim,
+        "adapters": [
+            [m.path, m.in_features, m.out_features, placement.ranks[m.path]]
+            for m in placement.modules
+        ],
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(matmul_peak_gflops()))

@@ -1,0 +1,132 @@
+"""The report: built from result files only, statistics on the page, opened in a real browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+
+from loraplace.cli import main
+from loraplace.stats import COMPARISON_COLUMNS
+
+
+def test_study_writes_aggregate_comparisons_and_report(tiny_study):
+    agg = pd.read_csv(tiny_study / "aggregate.csv")
+    assert list(agg["strategy"]) == ["full", "attention", "ffn"]
+    assert (agg["n_seeds"] == 2).all()
+    for m in ("eval_loss", "perplexity", "train_time_s", "peak_memory_mb"):
+        assert {f"{m}_mean", f"{m}_std", f"{m}_ci_low", f"{m}_ci_high"} <= set(agg.columns)
+    assert (agg["eval_loss_ci_low"] <= agg["eval_loss_mean"]).all() and (
+        agg["eval_loss_mean"] <= agg["eval_loss_ci_high"]
+    ).all()
+    comparisons = pd.read_csv(tiny_study / "comparisons.csv")
+    assert list(comparisons.columns) == list(COMPARISON_COLUMNS)
+    assert (
+        len(comparisons) == 3
+        and (comparisons["n_examples"] == 6).all()
+        and (comparisons["n_seeds"] == 2).all()
+    )
+    md = (tiny_study / "report.md").read_text()
+    for section in (
+        "## Setup",
+        "## Results",
+        "## Paired comparisons",
+        "Holm",
+        "## Greedy generations",
+        "untrained model",
+        "Pareto",
+        "placement.png",
+    ):
+        assert section in md, section
+    html = (tiny_study / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and 'src="curves.png"' not in html
+
+
+def test_report_rebuilds_from_old_and_failed_results(tiny_study, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    for name in ("report.md", "report.html", "summary.csv", "aggregate.csv", "comparisons.csv"):
+        (out / name).unlink()
+    old = out / "runs/attention/seed-1/result.json"  # an earlier version: no per-example losses
+    data = json.loads(old.read_text())
+    del data["per_example"]
+    old.write_text(json.dumps(data))
+    failed = out / "runs/ffn/seed-2/result.json"
+    failed.write_text(
+        json.dumps(
+            {
+                "status": "failed",
+                "strategy": "ffn",
+                "seed": 2,
+                "error": "MemoryError: out of memory",
+            }
+        )
+    )
+    shutil.rmtree(out / "runs/full/seed-2")  # never ran
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "Failed runs" in md and "ffn seed 2: MemoryError: out of memory" in md
+    assert "Missing runs (no result file yet): full seed 2" in md
+    assert "without per-example losses" in md and "attention seed 1" in md
+    summary = pd.read_csv(out / "summary.csv")
+    assert len(summary) == 5 and list(summary["status"]).count("failed") == 1
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    # paired on common seeds only: attention has losses for seed 2, ffn and full for seed 1
+    assert comparisons[["strategy_a", "strategy_b"]].values.tolist() == [["full", "ffn"]]
+
+
+def test_report_on_a_folder_without_results(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no run results" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nope")]) == 2
+
+
+def _browser() -> str | None:
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or shutil.which("google-chrome")
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    _browser() is None, reason="no chromium: `make test` installs Debian's chromium where it can"
+)
+def test_report_html_in_headless_chromium(tiny_study, tmp_path):
+    """The page opens without errors and shows its tables and every figure, decoded."""
+    page = (tiny_study / "report.html").resolve()
+    probe = tmp_path / "probe.html"
+    probe.write_text(
+        "<script>window.onerror=()=>{document.title='ERROR'};</script>"
+        + page.read_text().replace(
+            "</body>",
+            "<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
+            "document.title='tables='+document.querySelectorAll('table').length+' images='+imgs.length+"
+            "' decoded='+imgs.filter(i=>i.complete&&i.naturalWidth>100).length;});</script></body>",
+        )
+    )
+    cmd = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    title = proc.stdout.split("<title>")[1].split("</title>")[0]
+    n_tables = int(title.split("tables=")[1].split()[0])
+    assert n_tables >= 5 and "images=4 decoded=4" in title, title
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            _browser(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1200,2400",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.is_file() and shot.stat().st_size > 10_000
