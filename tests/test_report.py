@@ -31,6 +31,8 @@ def test_study_writes_aggregate_comparisons_and_report(tiny_study):
     )
     md = (tiny_study / "report.md").read_text()
     for section in (
+        "## Answer",
+        "Lowest mean eval loss",
         "## Setup",
         "## Results",
         "## Paired comparisons",
@@ -109,7 +111,15 @@ def test_report_html_in_headless_chromium(tiny_study, tmp_path):
             "' decoded='+imgs.filter(i=>i.complete&&i.naturalWidth>100).length;});</script></body>",
         )
     )
-    cmd = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    cmd = [
+        _browser(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     title = proc.stdout.split("<title>")[1].split("</title>")[0]

@@ -194,7 +194,9 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
 
 def report_blocks(first, summary, agg, comparisons, notes, ok, paths) -> list[tuple[str, object]]:
     blocks: list[tuple[str, object]] = [
-        ("h1", "loraplace report: where should the LoRA adapters go?")
+        ("h1", "loraplace report: where should the LoRA adapters go?"),
+        ("h2", "Answer"),
+        ("p", headline(agg, comparisons)),
     ]
     blocks += [("h2", "Setup"), ("table", pd.DataFrame(_setup(first), columns=["", "value"]))]
     if notes:
@@ -255,6 +257,29 @@ def report_blocks(first, summary, agg, comparisons, notes, ok, paths) -> list[tu
                 ("table", pd.DataFrame(rows, columns=["model", "generation"])),
             ]
     return blocks
+
+
+def headline(agg: pd.DataFrame, comparisons: pd.DataFrame) -> str:
+    """The answer in two sentences, claiming only what the corrected tests support."""
+    ran = agg[agg["n_seeds"] > 0]
+    if ran.empty:
+        return "No run finished, so there is no answer yet."
+    best = ran.loc[ran["eval_loss_mean"].idxmin()]
+    seeds = int(best["n_seeds"])
+    text = (
+        f"Lowest mean eval loss: {best['strategy']} ({best['eval_loss_mean']:.4f} over {seeds} "
+        f"seed{'s' if seeds != 1 else ''}, {int(best['trainable_params']):,} trainable parameters)."
+    )
+    if len(comparisons) == 0:
+        return text + " No paired comparison was possible."
+    resolved = comparisons[comparisons["p_adjusted"] < 0.05]
+    if resolved.empty:
+        return text + (
+            " No difference between strategies is resolved at this sample size (Holm-corrected "
+            "Wilcoxon tests, p >= 0.05), so this ranking may be noise; the comparisons say how "
+            "many examples would be needed."
+        )
+    return text + " Resolved (Holm-corrected p < 0.05): " + "; ".join(resolved["verdict"]) + "."
 
 
 def render_md(blocks) -> str:

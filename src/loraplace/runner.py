@@ -83,7 +83,9 @@ def check_writable(out: Path) -> None:
 
 
 def run_settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in NOT_RUN_KEYS}
+    """What changes a run's result; keys an older result lacks take today's defaults."""
+    full = {**StudyConfig().to_dict(), **config}
+    return {k: v for k, v in full.items() if k not in NOT_RUN_KEYS}
 
 
 def is_done(result: dict | None, spec: dict) -> bool:

@@ -1,0 +1,54 @@
+"""The embedded model end to end (slow), and the benchmark command on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import ALPACA_HEAD
+
+from loraplace.cli import main
+from loraplace.config import StudyConfig
+from loraplace.strategies import BUILTINS, to_dict
+from loraplace.train import train_run
+
+
+@pytest.mark.slow
+def test_a_few_steps_on_the_embedded_model(tmp_path):
+    cfg = StudyConfig(model="embedded", data=str(ALPACA_HEAD), train_split="train[:8]", eval_split="train[100:102]",
+                      epochs=1, max_length=128, generations=1, max_new_tokens=8)  # fmt: skip
+    result = train_run(
+        {
+            "config": cfg.to_dict(),
+            "strategy": to_dict(BUILTINS["attention"]),
+            "seed": 42,
+            "run_dir": str(tmp_path),
+        }
+    )
+    m = result["metrics"]
+    assert m["trainable_params"] == 1_843_200 and m["optimizer_steps"] == 2
+    assert result["packed"] is True  # the block-diagonal packing was verified exact on SmolLM2
+    assert 0.3 < m["eval_loss"] < 5 and 0.3 < m["base_eval_loss"] < 5
+    assert math.isclose(m["perplexity"], math.exp(m["eval_loss"]))
+    assert len(result["per_example"]["loss"]) == 2 and result["generations"][0]["base"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_bench_runs_both_paths_side_by_side(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD), "--train-split", "train[:8]",
+            "--eval-split", "train[100:104]", "--epochs", "1", "--strategy", "full", "--strategy", "attention",
+            "--set", "max_length=64", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["strategy"] for r in report["rows"]] == ["full", "attention"]
+    for row in report["rows"]:
+        assert row["plain_wall_s"] > 0 and row["loraplace_wall_s"] > 0
+        assert 0 < row["loraplace_mfu_pct"] and 0 < row["plain_mfu_pct"]
+        assert abs(row["eval_loss_diff_pct"]) < 2  # same study, same evaluation code
+    assert report["peak_gflops"] > 0 and report["total"]["speedup"] > 0
+    assert "| total |" in (out / "bench.md").read_text()
+    assert (out / "plain/runs/full/seed-42/result.json").is_file()
+    plain = json.loads((out / "plain/runs/full/seed-42/result.json").read_text())
+    assert plain["config"]["pad_to"] == "max_length" and plain["packed"] is False
