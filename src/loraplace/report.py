@@ -183,7 +183,10 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
         )
     if agg["n_seeds"].max() < 2:
         notes.append(
-            "One seed per strategy: the intervals over seeds are empty; run several seeds (--seed 42 --seed 43 --seed 44) to see how much the seed moves the result."
+            "One seed per strategy: the intervals over seeds are empty, and the paired tests below "
+            "treat the evaluation examples as the only source of chance, so they say nothing about "
+            "how much another seed would move the result; run several seeds (--seed 42 --seed 43 "
+            "--seed 44) for that."
         )
 
     blocks = report_blocks(ok[0] if ok else results[0], summary, agg, comparisons, notes, ok, paths)
@@ -279,7 +282,18 @@ def headline(agg: pd.DataFrame, comparisons: pd.DataFrame) -> str:
             "Wilcoxon tests, p >= 0.05), so this ranking may be noise; the comparisons say how "
             "many examples would be needed."
         )
-    return text + " Resolved (Holm-corrected p < 0.05): " + "; ".join(resolved["verdict"]) + "."
+    caveat = (
+        " With one seed these tests cover example-to-example variation only, not seed-to-seed."
+        if comparisons["n_seeds"].max() < 2
+        else ""
+    )
+    return (
+        text
+        + " Resolved (Holm-corrected p < 0.05): "
+        + "; ".join(resolved["verdict"])
+        + "."
+        + caveat
+    )
 
 
 def render_md(blocks) -> str:
