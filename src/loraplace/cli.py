@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--layer-study", metavar="ROLES", help="add depth strategies for these roles, e.g. attn,mlp"
     )
-    p.add_argument("--equal-budget", metavar="STRATEGY", help="solve the others' ranks to this one's size")
+    p.add_argument(
+        "--equal-budget", metavar="STRATEGY", help="solve the others' ranks to this one's size"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow a hub model's own code (off)"

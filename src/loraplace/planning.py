@@ -26,7 +26,11 @@ class ModelPlan:
 
 
 def plan_model(
-    source: ModelSource, strategies: list[Strategy], rank: int, bias: str = "none", equal_budget: str | None = None
+    source: ModelSource,
+    strategies: list[Strategy],
+    rank: int,
+    bias: str = "none",
+    equal_budget: str | None = None,
 ) -> ModelPlan:
     """Plan every strategy on the model's architecture; with `equal_budget`, ranks are solved
     so each strategy trains as many parameters as that one."""
@@ -107,7 +111,8 @@ def render(plan: ModelPlan, rank: int, alpha: float, dropout: float, bias: str) 
         reduction = f"{100 * (1 - p.trainable_params / full):.1f}%" if full else "-"
         ranks = p.strategy.rank_by_role
         by_role = "  ".join(
-            f"{r} {n:,}" + (f" (r={ranks[r]})" if r in ranks else "") for r, n in p.trainable_by_role.items()
+            f"{r} {n:,}" + (f" (r={ranks[r]})" if r in ranks else "")
+            for r, n in p.trainable_by_role.items()
         )
         lines.append(
             f"{p.strategy.name:<18}{layers:<12}{len(p.modules):>8}{p.trainable_params:>13,}"
