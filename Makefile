@@ -36,7 +36,7 @@ browser:
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The seed-size offline study, the plain way and loraplace's way, side by side (about 45 min here).
+# The seed-size offline study, the plain way and loraplace's way, side by side (about 40 min here).
 bench: install
 	$(BIN)/loraplace bench --data ../shared/data/alpaca_head200.json --train-split 'train[:100]' \
 	  --eval-split 'train[100:120]' --epochs 3 --strategy full --strategy attention --strategy ffn \

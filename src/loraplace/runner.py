@@ -10,6 +10,7 @@ unfinished or failed ones are run again. Each run is a self-contained spec -> re
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -170,13 +171,7 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
                     "error": f"worker exited with status {proc.returncode}",
                 },
             )
-        result = load_results_one(folder)
+        result = json.loads((folder / "result.json").read_text())
         status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
         log(f"  {name} seed {seed}: {status} ({_fmt(durations[-1])})")
     return load_results(out)
-
-
-def load_results_one(folder: Path) -> dict:
-    import json
-
-    return json.loads((folder / "result.json").read_text())
