@@ -37,6 +37,16 @@ TINY_ARGS = [
 ]
 
 
+THREE_STRATEGIES = (
+    "--strategy",
+    "full",
+    "--strategy",
+    "seed-attention",
+    "--strategy",
+    "top=ffn@top:2",
+)
+
+
 def study(capsys, model_dir, out, *extra) -> tuple[int, str, str]:
     code = main(["study", "--model", str(model_dir), "--out", str(out), *TINY_ARGS, *extra])
     o, e = capsys.readouterr()
@@ -45,17 +55,7 @@ def study(capsys, model_dir, out, *extra) -> tuple[int, str, str]:
 
 def test_study_end_to_end_then_skips_finished_runs(capsys, tiny_gpt2_dir, tmp_path):
     out = tmp_path / "out"
-    code, stdout, _ = study(
-        capsys,
-        tiny_gpt2_dir,
-        out,
-        "--strategy",
-        "full",
-        "--strategy",
-        "seed-attention",
-        "--strategy",
-        "top=ffn@top:2",
-    )
+    code, stdout, _ = study(capsys, tiny_gpt2_dir, out, *THREE_STRATEGIES)
     assert code == 0, stdout
     assert "3 runs" in stdout and "0 already done" in stdout
     for name in (
@@ -91,17 +91,7 @@ def test_study_end_to_end_then_skips_finished_runs(capsys, tiny_gpt2_dir, tmp_pa
     assert (out / "runs/top/seed-42/adapter/adapter_model.safetensors").is_file()
     before = (out / "runs/full/seed-42/result.json").stat().st_mtime_ns
 
-    code, stdout, _ = study(
-        capsys,
-        tiny_gpt2_dir,
-        out,
-        "--strategy",
-        "full",
-        "--strategy",
-        "seed-attention",
-        "--strategy",
-        "top=ffn@top:2",
-    )
+    code, stdout, _ = study(capsys, tiny_gpt2_dir, out, *THREE_STRATEGIES)
     assert code == 0 and "3 already done" in stdout and "run 1/" not in stdout
     assert (out / "runs/full/seed-42/result.json").stat().st_mtime_ns == before
 

@@ -30,13 +30,10 @@ def _quiet() -> None:
 
 
 def _strategies(args) -> list:
-    from loraplace.strategies import SEED_COMPARISON, layer_study, parse_strategy
+    from loraplace.strategies import SEED_COMPARISON, resolve
 
     names = args.strategy or ([] if args.layer_study else list(SEED_COMPARISON))
-    strategies = [parse_strategy(s) for s in names]
-    if args.layer_study:
-        strategies += layer_study(args.layer_study)
-    return strategies
+    return resolve(names, args.layer_study)
 
 
 def cmd_plan(args) -> int:

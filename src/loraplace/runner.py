@@ -22,7 +22,7 @@ import yaml
 from loraplace.config import StudyConfig
 from loraplace.errors import UserError
 from loraplace.results import load_results, run_dir, write_json, write_text
-from loraplace.strategies import Strategy, layer_study, parse_strategy, to_dict
+from loraplace.strategies import Strategy, resolve, to_dict
 
 # Keys that change what a run computes; the others (strategy list, reporting) do not.
 NOT_RUN_KEYS = (
@@ -38,14 +38,7 @@ NOT_RUN_KEYS = (
 
 
 def resolve_strategies(cfg: StudyConfig) -> list[Strategy]:
-    strategies = [parse_strategy(s) for s in cfg.strategies]
-    if cfg.layer_study:
-        strategies += layer_study(cfg.layer_study)
-    names = [s.name for s in strategies]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UserError(f"strategy names must be unique; repeated: {', '.join(dupes)}")
-    return strategies
+    return resolve(cfg.strategies, cfg.layer_study)
 
 
 def prepare(cfg: StudyConfig) -> list[Strategy]:

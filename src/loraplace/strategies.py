@@ -102,6 +102,18 @@ def parse_strategy(text: str) -> Strategy:
     return Strategy(name, roles, layers, description=spec.strip())
 
 
+def resolve(names: list[str], layer_study_roles: str | None = None) -> list[Strategy]:
+    """Parse strategy names, add the depth sweep for `layer_study_roles`; names must be unique."""
+    strategies = [parse_strategy(s) for s in names]
+    if layer_study_roles:
+        strategies += layer_study(layer_study_roles)
+    seen = [s.name for s in strategies]
+    dupes = sorted({n for n in seen if seen.count(n) > 1})
+    if dupes:
+        raise UserError(f"strategy names must be unique; repeated: {', '.join(dupes)}")
+    return strategies
+
+
 def select_layers(spec: str | None, n_layers: int) -> list[int]:
     """The layer indices a selection names on a model with `n_layers` decoder blocks."""
     if spec is None:
