@@ -12,7 +12,15 @@ import torch
 from conftest import ALPACA_HEAD, tiny_model
 from transformers import AutoTokenizer
 
-from loraplace.data import IGNORE, Collator, Example, load_rows, prompt, tokenize
+from loraplace.data import (
+    IGNORE,
+    Collator,
+    Example,
+    balanced_groups,
+    load_rows,
+    prompt,
+    tokenize,
+)
 from loraplace.errors import UserError
 from loraplace.evaluate import example_losses, token_weighted
 
@@ -392,3 +400,19 @@ def test_example_losses_restore_training_mode():
     model.train()
     example_losses(model, _examples()[:2], Collator(EOS), batch_size=2)
     assert model.training
+
+
+@pytest.mark.parametrize(
+    "lengths,capacity,expected",
+    [
+        ([120, 150, 90, 87], 256, [[0, 2], [1, 3]]),  # in order this would take 3 chunks
+        ([50, 50, 50, 50], 256, [[0, 1, 2, 3]]),
+        ([200, 200, 200], 256, [[0], [1], [2]]),
+        ([300, 10, 20], 256, [[0], [1, 2]]),  # too long for any chunk: a chunk of its own
+    ],
+)
+def test_balanced_groups(lengths, capacity, expected):
+    groups = balanced_groups(lengths, capacity)
+    assert groups == expected
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in g) <= capacity or len(g) == 1 for g in groups)

@@ -97,16 +97,16 @@ def test_study_end_to_end_then_skips_finished_runs(capsys, tiny_gpt2_dir, tmp_pa
 
 
 def _spec(model_dir, tmp_path, **overrides) -> dict:
-    cfg = StudyConfig(
-        model=str(model_dir),
-        data=str(ALPACA_HEAD),
-        train_split="train[:8]",
-        eval_split="train[100:104]",
-        epochs=2,
-        max_length=64,
-        generations=0,
-        **overrides,
-    )
+    settings = {
+        "model": str(model_dir),
+        "data": str(ALPACA_HEAD),
+        "train_split": "train[:8]",
+        "eval_split": "train[100:104]",
+        "epochs": 2,
+        "max_length": 64,
+        "generations": 0,
+    }
+    cfg = StudyConfig(**(settings | overrides))
     return {
         "config": cfg.to_dict(),
         "strategy": to_dict(BUILTINS["full"]),
@@ -130,13 +130,16 @@ def test_same_seed_same_eval_loss(tiny_gpt2_dir, tmp_path):
         {},  # packed in chunks of at most max_length tokens, one chunk at a time (the default)
         {"pack_tokens": 128},  # two examples per chunk
         {"pack_tokens": 4096},  # the whole step in one packed row
+        {"fused_lora": False},  # PEFT's own LoRA forward (frozen products still oneDNN)
+        {"onednn": False},  # the default BLAS for frozen products
     ],
 )
 def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
     """LoRA and model dropout off so runs are deterministic: every switch gives the plain curve.
 
     The plain pipeline is the seed's: batch 1 x grad-accum 4, every example padded to max_length.
-    Tolerance: 1e-4 relative, float32 summation order only.
+    The fused LoRA layer is on unless switched off. Tolerance: 1e-4 relative, float32
+    summation order only.
     """
     plain = train_run(
         _spec(
@@ -146,6 +149,8 @@ def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
             pad_to="max_length",
             fuse_accumulation=False,
             packing=False,
+            fused_lora=False,
+            onednn=False,
         )
     )
     fast = train_run(_spec(tiny_gpt2_dir, tmp_path, dropout=0.0, **switches))
@@ -230,3 +235,20 @@ def test_output_that_is_a_file(capsys, tiny_gpt2_dir, tmp_path):
     code, _, err = study(capsys, tiny_gpt2_dir, target)
     assert code == 2 and "cannot write to output directory" in err
     assert target.read_text() == "keep me"
+
+
+def test_base_model_is_evaluated_once_per_study(tiny_gpt2_dir, tmp_path):
+    spec = _spec(tiny_gpt2_dir, tmp_path, epochs=1) | {"base_eval": str(tmp_path / "base.json")}
+    first = train_run(spec)
+    assert (tmp_path / "base.json").is_file()
+    second = train_run(spec | {"strategy": to_dict(BUILTINS["attention"])})
+    assert second["metrics"]["base_eval_loss"] == first["metrics"]["base_eval_loss"]
+    alone = train_run(_spec(tiny_gpt2_dir, tmp_path, epochs=1, reuse_base_eval=False))
+    assert alone["metrics"]["base_eval_loss"] == pytest.approx(
+        first["metrics"]["base_eval_loss"], rel=1e-6
+    )
+    other = train_run(
+        _spec(tiny_gpt2_dir, tmp_path, epochs=1, eval_split="train[104:106]")
+        | {"base_eval": str(tmp_path / "base.json")}
+    )
+    assert other["metrics"]["base_eval_loss"] != first["metrics"]["base_eval_loss"]

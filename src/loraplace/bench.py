@@ -23,7 +23,14 @@ import torch
 from loraplace.config import StudyConfig
 from loraplace.results import write_json, write_text
 
-PLAIN = {"pad_to": "max_length", "fuse_accumulation": False, "packing": False}
+PLAIN = {
+    "pad_to": "max_length",
+    "fuse_accumulation": False,
+    "packing": False,
+    "fused_lora": False,
+    "onednn": False,
+    "reuse_base_eval": False,
+}
 
 
 def matmul_peak_gflops(size: int = 2048, reps: int = 8) -> float:
@@ -111,6 +118,8 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
         )
     ]
     results: dict[str, dict] = {"plain": {}, "loraplace": {}}
+    for tag in results:  # nothing carried over from an earlier benchmark
+        (out / tag / "base_eval.json").unlink(missing_ok=True)
     for s in strategies:
         for tag, extra in (("plain", PLAIN), ("loraplace", {})):
             folder = out / tag

@@ -185,9 +185,11 @@ class PackedCollator:
     before it in its own sequence predicts it). The loss over a row is then the token-weighted
     mean over its examples, exactly what gradient accumulation over the examples computes.
 
-    With `max_tokens`, examples are packed in order into chunks of at most that many tokens
-    (an example longer than that is a chunk of its own), returned as
+    With `max_tokens`, the batch is split into as few chunks of at most that many tokens as a
+    longest-first fit finds, as even in size as it can make them (fewer, larger matrix products;
+    an example longer than that is a chunk of its own), returned as
     {"chunks": [row, ...], "labels": all labels}, for `ChunkedTrainer` to run one at a time.
+    The grouping does not change the step's gradient: every chunk is weighted by its tokens.
     """
 
     max_tokens: int | None = None
@@ -211,16 +213,29 @@ class PackedCollator:
     def __call__(self, batch: list[Example]) -> dict:
         if self.max_tokens is None:
             return self.pack(batch)
-        groups: list[list[Example]] = [[]]
-        for e in batch:
-            if (
-                groups[-1]
-                and sum(len(x.input_ids) for x in groups[-1]) + len(e.input_ids) > self.max_tokens
-            ):
-                groups.append([])
-            groups[-1].append(e)
-        chunks = [self.pack(g) for g in groups]
+        chunks = [
+            self.pack([batch[i] for i in g])
+            for g in balanced_groups([len(e.input_ids) for e in batch], self.max_tokens)
+        ]
         return {"chunks": chunks, "labels": torch.cat([c["labels"] for c in chunks], dim=1)}
+
+
+def balanced_groups(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into bins of at most `capacity` tokens: start with the fewest bins the
+    total allows, put each example (longest first) into the least-filled bin it fits, open a new
+    bin only when none fits. Each bin keeps the batch's order."""
+    bins: list[list[int]] = [[] for _ in range(max(1, -(-sum(lengths) // capacity)))]
+    loads = [0] * len(bins)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [b for b in range(len(bins)) if not bins[b] or loads[b] + lengths[i] <= capacity]
+        if not fits:
+            bins.append([])
+            loads.append(0)
+            fits = [len(bins) - 1]
+        b = min(fits, key=lambda b: loads[b])
+        bins[b].append(i)
+        loads[b] += lengths[i]
+    return sorted((sorted(b) for b in bins if b), key=lambda b: b[0])
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ NOT_RUN_KEYS = (
     "report_to",
     "wandb_project",
     "equal_budget",
+    "reuse_base_eval",
 )
 
 
@@ -124,6 +125,7 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
             "strategy": to_dict(s),
             "seed": seed,
             "run_dir": str(run_dir(out, s.name, seed)),
+            "base_eval": str(out / "base_eval.json"),
         }
         if is_done(existing.get((s.name, seed)), spec):
             continue

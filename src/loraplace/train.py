@@ -9,6 +9,7 @@ shared token-weighted evaluation, and records curves, time, throughput and peak 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -122,6 +123,28 @@ def _chunked_trainer():
     return ChunkedTrainer
 
 
+BASE_EVAL_KEYS = ("model", "data", "eval_split", "max_length", "loss_on", "trust_remote_code")
+
+
+def base_evaluation(spec: dict, cfg: StudyConfig, device: str, eval_set, evaluate) -> list:
+    """The untrained model's per-example losses: computed once per study and shared by its runs
+    when `reuse_base_eval` (every run of a study evaluates the same base model on the same rows)."""
+    path = spec.get("base_eval")
+    if not cfg.reuse_base_eval or not path:
+        return evaluate()
+    tokens = hashlib.sha256(json.dumps([e.input_ids for e in eval_set]).encode()).hexdigest()
+    key = {k: getattr(cfg, k) for k in BASE_EVAL_KEYS} | {"device": device, "tokens": tokens}
+    try:
+        cached = json.loads(Path(path).read_text())
+        if cached.get("key") == key:
+            return [tuple(x) for x in cached["per_example"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    per_example = evaluate()
+    write_json(Path(path), {"key": key, "per_example": per_example})
+    return per_example
+
+
 def train_run(spec: dict) -> dict:
     """Run one (strategy, seed) and return its metrics; raises on failure."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
@@ -130,6 +153,7 @@ def train_run(spec: dict) -> dict:
 
     from loraplace.adapters import attach
     from loraplace.bench import architecture
+    from loraplace.kernels import accelerate
     from loraplace.models import load_model, resolve
     from loraplace.placement import place
     from loraplace.roles import classify
@@ -163,10 +187,11 @@ def train_run(spec: dict) -> dict:
         return example_losses(model, eval_set, eval_collate, cfg.eval_batch_size, device)
 
     prompts = [prompt(r) for r in eval_rows[: cfg.generations]]
-    base_per_example = evaluate()
+    base_per_example = base_evaluation(spec, cfg, device, eval_set, evaluate)
     placement = place(classify(model), strategy, cfg.rank, cfg.bias)
     arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
     model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
+    accelerate(model, cfg.fused_lora, cfg.onednn)
     base_generations = []
     if prompts:
         with model.disable_adapter():

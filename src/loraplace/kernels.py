@@ -1,0 +1,195 @@
+"""Faster kernels for a PEFT model in training: the same arithmetic, fewer and faster passes.
+
+    accelerate(peft_model, fused_lora=True, onednn=True)   # in place; returns what it took over
+
+Two independent switches:
+
+- `fused_lora`: PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate
+  operations: a Bernoulli draw for the dropout mask, a multiply, two small matrix products, a
+  scale, an add, and the same again backwards (on CPU the mask draw alone was 13 % of a step).
+  Here one autograd function does it: the mask is drawn 4 lanes per 64-bit random word (16-bit
+  resolution: the drop probability is round(p * 65536) / 65536, 0.100006 for p = 0.1) and kept
+  as a bool, and the adapter product is added into the frozen output in place.
+- `onednn`: every frozen linear product, forwards and backwards (input gradient only), runs
+  through oneDNN instead of the default BLAS. On the 2-core AMD EPYC development machine
+  oneDNN reached 180-220 GFLOP/s on the model's shapes where MKL reached 110-160. CPU and
+  float32 only; elsewhere the layers are left as they are.
+
+Parameters stay PEFT's own, so saving, `disable_adapter` and merging work unchanged. Layers the
+fused function cannot reproduce exactly (DoRA, several active adapters, trainable base bias,
+LoRA bias, dtype casts) keep PEFT's forward.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A primitive per (tokens, shape): chunks vary in length, so keep more than the default 1024.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+
+LANES = 65536  # one dropout decision per 16-bit lane
+
+
+def drop_threshold(p: float) -> int:
+    """Lanes below this value (out of 65536, from -32768) are dropped."""
+    return round(p * LANES)
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Bool mask, True with probability 1 - round(p * 65536) / 65536, from torch's generator."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(2**63), 2**63 - 1)
+    lanes = words.view(torch.int16)[:n].view(shape)
+    return lanes >= drop_threshold(p) - LANES // 2
+
+
+def linear(x2: torch.Tensor, weight: torch.Tensor, bias=None, onednn: bool = False):
+    """x2 @ weight.T + bias for a 2-D x2 and a weight of shape (out, in), any strides."""
+    if onednn and x2.device.type == "cpu" and x2.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x2, weight, bias)
+
+
+class FrozenLinear(torch.autograd.Function):
+    """y = x W^T + b with W and b frozen: the backward pass computes the input gradient only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, onednn):
+        ctx.save_for_backward(weight)
+        ctx.shape, ctx.onednn = x.shape, onednn
+        y = linear(x.reshape(-1, x.shape[-1]), weight, bias, onednn)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (weight,) = ctx.saved_tensors
+        grad_x = linear(grad_y.reshape(-1, grad_y.shape[-1]), weight.t(), None, ctx.onednn)
+        return grad_x.view(ctx.shape), None, None, None
+
+
+class LoraLinear(torch.autograd.Function):
+    """y = x W^T + b + scaling * (mask(x) A^T) B^T, with W and b frozen, A and B trained."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale, onednn):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = linear(x2, weight, bias, onednn)
+        xd = x2 if mask is None else torch.where(mask.view_as(x2), x2 * keep_scale, 0.0)
+        h = xd @ lora_a.t()
+        y.addmm_(h, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(weight, lora_a, lora_b, xd, h, mask)
+        ctx.scaling, ctx.keep_scale, ctx.shape, ctx.onednn = scaling, keep_scale, shape, onednn
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        weight, lora_a, lora_b, xd, h, mask = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        g_h = (g @ lora_b).mul_(ctx.scaling)  # gradient at the adapter's r-dim bottleneck
+        grad_a = g_h.t() @ xd
+        grad_b = (g.t() @ h).mul_(ctx.scaling)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            through_adapter = g_h @ lora_a
+            if mask is not None:
+                through_adapter = torch.where(
+                    mask.view_as(through_adapter), through_adapter * ctx.keep_scale, 0.0
+                )
+            grad_x = linear(g, weight.t(), None, ctx.onednn).add_(through_adapter)
+            grad_x = grad_x.view(ctx.shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in): nn.Linear's own, GPT-2's Conv1D transposed (a view)."""
+    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
+
+
+def _lora_forward(layer, onednn: bool, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return layer._peft_forward(x, *args, **kwargs)
+    name = layer.active_adapters[0]
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if x.dtype != lora_a.dtype:
+        return layer._peft_forward(x, *args, **kwargs)
+    base = layer.get_base_layer()
+    dropout = layer.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    mask, keep_scale = None, 1.0
+    if p > 0:
+        mask = keep_mask(x.shape, p, x.device)
+        keep_scale = LANES / (LANES - drop_threshold(p))
+    return LoraLinear.apply(
+        x, _weight(base), base.bias, lora_a, lora_b, layer.scaling[name], mask, keep_scale, onednn
+    )
+
+
+def _frozen_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    return FrozenLinear.apply(x, _weight(layer), layer.bias, True)
+
+
+def _is_lora_linear(layer) -> bool:
+    from peft.tuners.lora.layer import Linear
+
+    return type(layer) is Linear
+
+
+def _lora_supported(layer) -> bool:
+    if not _is_lora_linear(layer) or len(layer.active_adapters) != 1:
+        return False
+    name = layer.active_adapters[0]
+    base = layer.get_base_layer()
+    dropout = layer.lora_dropout[name]
+    return (
+        name in layer.lora_A
+        and name not in getattr(layer, "lora_variant", {})
+        and not layer.use_dora.get(name, False)
+        and layer.lora_B[name].bias is None
+        and _frozen(base)
+        and isinstance(dropout, (nn.Dropout, nn.Identity))
+    )
+
+
+def _frozen(layer) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return (
+        isinstance(layer, (nn.Linear, Conv1D))
+        and type(layer).forward in (nn.Linear.forward, Conv1D.forward)  # not a quantized layer
+        and layer.weight.dim() == 2
+        and not layer.weight.requires_grad
+        and (layer.bias is None or not layer.bias.requires_grad)
+    )
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def accelerate(model: nn.Module, fused_lora: bool = True, onednn: bool = True) -> dict:
+    """Give supported layers the fused LoRA function and/or oneDNN frozen products, in place.
+
+    Returns how many layers of each kind it took over.
+    """
+    onednn = onednn and onednn_available()
+    taken = {"fused_lora": 0, "onednn_frozen": 0}
+    for module in model.modules():
+        if hasattr(module, "_peft_forward") or hasattr(module, "_plain_forward"):
+            continue
+        if fused_lora and _lora_supported(module):
+            module._peft_forward = module.forward
+            module.forward = partial(_lora_forward, module, onednn)
+            taken["fused_lora"] += 1
+        elif onednn and _frozen(module):  # also a LoRA layer's base, for PEFT's own forward
+            module._plain_forward = module.forward
+            module.forward = partial(_frozen_forward, module)
+            taken["onednn_frozen"] += 1
+    return taken

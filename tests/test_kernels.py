@@ -1,0 +1,112 @@
+"""The fused LoRA layer computes what PEFT computes: same outputs, same gradients."""
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from loraplace.kernels import LANES, LoraLinear, accelerate, drop_threshold, keep_mask
+
+LLAMA = LlamaConfig(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+GPT2 = GPT2Config(
+    vocab_size=100, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+)
+TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # Conv1D: fan_in_fan_out
+}
+
+
+def _peft_pair(arch: str, **lora):
+    torch.manual_seed(0)
+    config = LLAMA if arch == "llama" else GPT2
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(config),
+        LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], **lora),
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; make the adapter path matter
+            torch.nn.init.normal_(p, std=0.1)
+    return model, copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_same_loss_and_gradients_as_peft(arch):
+    peft_model, fast_model = _peft_pair(arch, lora_dropout=0.0, fan_in_fan_out=arch == "gpt2")
+    taken = accelerate(fast_model)
+    assert taken["fused_lora"] == (14 if arch == "llama" else 8)
+    assert taken["onednn_frozen"] == taken["fused_lora"] + 1  # + the output head
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (peft_model, fast_model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    fast_grads = dict(fast_model.named_parameters())
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(fast_grads[name].grad, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_dropout_gradients_match_autograd_with_the_same_mask():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    weight_t, bias = torch.randn(8, 6), torch.randn(6)  # frozen, stored (in, out)
+    a = torch.randn(2, 8, requires_grad=True)
+    b = torch.randn(6, 2, requires_grad=True)
+    mask = keep_mask(x.shape, 0.3, x.device)
+    scale = LANES / (LANES - drop_threshold(0.3))
+    fast = LoraLinear.apply(x, weight_t.t(), bias, a, b, 1.5, mask, scale, True)
+    reference = x @ weight_t + bias + ((x * mask * scale) @ a.t() @ b.t()) * 1.5
+    torch.testing.assert_close(fast, reference)
+    upstream = torch.randn_like(fast)
+    grads = torch.autograd.grad(fast, (x, a, b), upstream)
+    expected = torch.autograd.grad(reference, (x, a, b), upstream)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_mask_keeps_each_lane_with_probability_one_minus_p():
+    torch.manual_seed(0)
+    mask = keep_mask(torch.Size([400_000]), 0.1, torch.device("cpu"))
+    assert mask.dtype == torch.bool
+    for lane in mask.view(-1, 4).t():  # the 4 lanes of every 64-bit random word
+        assert lane.float().mean().item() == pytest.approx(0.9, abs=0.003)
+    assert drop_threshold(0.1) / LANES == pytest.approx(0.1, abs=1e-5)
+
+
+def test_training_dropout_is_random_and_eval_is_not():
+    _, model = _peft_pair("llama", lora_dropout=0.5)
+    accelerate(model)
+    ids = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(1))
+    model.train()
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.eval()
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_disable_adapter_gives_the_base_model():
+    peft_model, fast_model = _peft_pair("llama", lora_dropout=0.0)
+    accelerate(fast_model)
+    ids = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(1))
+    with fast_model.disable_adapter():
+        base = fast_model(input_ids=ids).logits
+    adapted = fast_model(input_ids=ids).logits
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(base, peft_model(input_ids=ids).logits)
+    assert not torch.allclose(base, adapted)
+
+
+def test_layers_it_cannot_reproduce_keep_peft_forward():
+    _, model = _peft_pair("llama", lora_dropout=0.0, use_dora=True)
+    assert accelerate(model)["fused_lora"] == 0
