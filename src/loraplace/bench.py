@@ -27,6 +27,7 @@ PLAIN = {
     "pad_to": "max_length",
     "fuse_accumulation": False,
     "packing": False,
+    "segment_attention": False,
     "fused_lora": False,
     "onednn": False,
     "reuse_base_eval": False,

@@ -53,6 +53,7 @@ class StudyConfig:
     fuse_accumulation: bool = True  # run the grad_accum micro-batches as one batch
     packing: bool = True  # that batch without padding (checked exact on the model first)
     pack_tokens: int | None = None  # tokens per packed forward; None: max_length (plain's memory)
+    segment_attention: bool = True  # packed rows: attention per example, not T x T masked
     fused_lora: bool = True  # one autograd function per adapted layer (kernels.py)
     onednn: bool = True  # frozen linear products through oneDNN on CPU (kernels.py)
     reuse_base_eval: bool = True  # evaluate the untrained model once per study, not per run

@@ -193,6 +193,7 @@ class PackedCollator:
     """
 
     max_tokens: int | None = None
+    segments: bool = False  # also pass the example boundaries, for segment attention
 
     def pack(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         ids = torch.tensor([t for e in batch for t in e.input_ids])
@@ -203,7 +204,11 @@ class PackedCollator:
         segment = torch.cat([torch.full((len(e.input_ids),), i) for i, e in enumerate(batch)])
         causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
         mask = causal & (segment[:, None] == segment[None, :])  # (tokens, tokens)
-        return {
+        bounds = {}
+        if self.segments:
+            lengths = torch.tensor([0] + [len(e.input_ids) for e in batch])
+            bounds = {"cu_seq_lens_q": lengths.cumsum(0).to(torch.int32)}
+        return bounds | {
             "input_ids": ids[None],
             "position_ids": positions[None],
             "attention_mask": mask[None, None],  # (batch 1, heads 1, tokens, tokens)
@@ -239,7 +244,9 @@ def balanced_groups(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def packing_is_exact(model, device: str = "cpu", tolerance: float = 1e-4) -> bool:
+def packing_is_exact(
+    model, device: str = "cpu", tolerance: float = 1e-4, segments: bool = False
+) -> bool:
     """Check on this model that a packed row gives each example the loss it has alone."""
     generator = torch.Generator().manual_seed(0)
     vocab = min(model.config.vocab_size, 1000)
@@ -255,7 +262,7 @@ def packing_is_exact(model, device: str = "cpu", tolerance: float = 1e-4) -> boo
             * (len(e.input_ids) - 1)
             for e in examples
         )
-        packed = PackedCollator().pack(examples)
+        packed = PackedCollator(segments=segments).pack(examples)
         together = float(model(**{k: v.to(device) for k, v in packed.items()}).loss) * sum(
             len(e.input_ids) - 1 for e in examples
         )

@@ -157,6 +157,7 @@ def train_run(spec: dict) -> dict:
     from loraplace.models import load_model, resolve
     from loraplace.placement import place
     from loraplace.roles import classify
+    from loraplace.segments import use_segment_attention
     from loraplace.strategies import from_dict
 
     cfg = StudyConfig(**spec["config"])
@@ -179,8 +180,12 @@ def train_run(spec: dict) -> dict:
     packed = (
         cfg.packing and cfg.fuse_accumulation and pad_to is None and packing_is_exact(model, device)
     )
+    segments = packed and cfg.segment_attention and use_segment_attention(model)
+    if segments and not packing_is_exact(model, device, segments=True):
+        model.set_attn_implementation("sdpa")
+        segments = False
     if packed:
-        collate = PackedCollator(cfg.pack_tokens or cfg.max_length)
+        collate = PackedCollator(cfg.pack_tokens or cfg.max_length, segments)
     eval_collate = Collator(tokenizer.pad_token_id)  # both paths: the same evaluation
 
     def evaluate():
@@ -291,6 +296,7 @@ def train_run(spec: dict) -> dict:
         },
         "device": device,
         "packed": packed,
+        "segment_attention": segments,
         "architecture": arch,
     }
 
