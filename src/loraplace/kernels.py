@@ -11,9 +11,10 @@ Two independent switches:
   resolution: the drop probability is round(p * 65536) / 65536, 0.100006 for p = 0.1) and kept
   as a bool, and the adapter product is added into the frozen output in place.
 - `onednn`: every frozen linear product, forwards and backwards (input gradient only), runs
-  through oneDNN instead of the default BLAS. On the 2-core AMD EPYC development machine
-  oneDNN reached 180-220 GFLOP/s on the model's shapes where MKL reached 110-160. CPU and
-  float32 only; elsewhere the layers are left as they are.
+  through oneDNN instead of the default BLAS. On the 2-core AMD EPYC development machine,
+  cycling through 30 layers' weights at 150 tokens, oneDNN reached about 145 GFLOP/s forward
+  and 171 for the input gradient, where MKL reached 140 and 136. CPU and float32 only;
+  elsewhere the layers are left as they are.
 
 Parameters stay PEFT's own, so saving, `disable_adapter` and merging work unchanged. Layers the
 fused function cannot reproduce exactly (DoRA, several active adapters, trainable base bias,
@@ -30,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A primitive per (tokens, shape): chunks vary in length, so keep more than the default 1024.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
+# oneDNN caches a primitive per (tokens, shape), and chunks vary in length: with the default
+# capacity (1024) the cache grew a 3-epoch run's peak memory by 700 MB. Re-creating a primitive
+# cost nothing measurable (42.6 s against 42.1 s for 40 training chunks of 20 lengths).
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 
 LANES = 65536  # one dropout decision per 16-bit lane
 
