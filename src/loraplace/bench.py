@@ -4,8 +4,10 @@
 
 (a) plain: the seed's pipeline, Hugging Face Trainer + PEFT, every example padded to
     max_length, batch 1 x grad-accum 4, one placement after another, each in a fresh process
-    that reloads the model; (b) loraplace: no padding (examples packed with a block-diagonal
-    mask, in chunks no longer than max_length), the 4 micro-batches as one optimizer step.
+    that reloads the model (every switch in PLAIN off); (b) loraplace: the defaults, no
+    padding (examples packed in chunks no longer than max_length, attention per example), the
+    4 micro-batches as one optimizer step, fused LoRA layers, oneDNN frozen products, and the
+    untrained model evaluated once per study.
 Both are evaluated by the same code. The runs alternate (a, b, a, b, ...) so both see the
 machine in the same state. Results: OUT/bench.json and OUT/bench.md. Not a test: no asserts.
 """
