@@ -131,7 +131,7 @@ def test_same_seed_same_eval_loss(tiny_gpt2_dir, tmp_path):
         {"pack_tokens": 128},  # two examples per chunk
         {"pack_tokens": 4096},  # the whole step in one packed row
         {"fused_lora": False},  # PEFT's own LoRA forward (frozen products still oneDNN)
-        {"onednn": False},  # the default BLAS for frozen products
+        {"onednn": True},  # frozen products through oneDNN
     ],
 )
 def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):

@@ -55,7 +55,7 @@ class StudyConfig:
     pack_tokens: int | None = None  # tokens per packed forward; None: max_length (plain's memory)
     segment_attention: bool = True  # packed rows: attention per example, not T x T masked
     fused_lora: bool = True  # one autograd function per adapted layer (kernels.py)
-    onednn: bool = True  # frozen linear products through oneDNN on CPU (kernels.py)
+    onednn: bool = False  # frozen products through oneDNN on CPU: faster, more memory (README)
     reuse_base_eval: bool = True  # evaluate the untrained model once per study, not per run
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None
