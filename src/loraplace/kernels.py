@@ -164,8 +164,10 @@ def _lora_supported(layer) -> bool:
 def _frozen(layer) -> bool:
     from transformers.pytorch_utils import Conv1D
 
+    from loraplace.roles import is_adaptable
+
     return (
-        isinstance(layer, (nn.Linear, Conv1D))
+        is_adaptable(layer)
         and type(layer).forward in (nn.Linear.forward, Conv1D.forward)  # not a quantized layer
         and layer.weight.dim() == 2
         and not layer.weight.requires_grad
