@@ -52,3 +52,21 @@ def test_bench_runs_both_paths_side_by_side(tiny_gpt2_dir, tmp_path, capsys):
     assert (out / "plain/runs/full/seed-42/result.json").is_file()
     plain = json.loads((out / "plain/runs/full/seed-42/result.json").read_text())
     assert plain["config"]["pad_to"] == "max_length" and plain["packed"] is False
+
+
+def test_training_flops_counts_each_part_once():
+    from loraplace.bench import training_flops
+
+    # one frozen 4x8 linear (32 MACs per token) with a rank-2 adapter, 1 layer, attention width 4
+    result = {
+        "architecture": {
+            "linear_macs_per_token": 32,
+            "n_layers": 1,
+            "attn_dim": 4,
+            "adapters": [["l", 4, 8, 2]],
+        }
+    }
+    frozen = 4 * 32 * 10  # forward and input gradient, 10 tokens
+    adapter = (2 + 4) * 2 * (4 + 8) * 10  # forward, then input and weight gradients
+    attention = 3 * 4 * 4 * (6 * 6 / 2 + 4 * 4 / 2)  # two sequences, 6 and 4 tokens
+    assert training_flops(result, [6, 4], epochs=2) == 2 * (frozen + adapter + attention)

@@ -59,7 +59,7 @@ def training_flops(result: dict, lengths: list[int], epochs: float) -> float:
     arch = result["architecture"]
     tokens = sum(lengths)
     frozen = 4 * arch["linear_macs_per_token"] * tokens
-    lora = 6 * 2 * sum(r * (i + o) for _, i, o, r in arch["adapters"]) * tokens
+    lora = 6 * sum(r * (i + o) for _, i, o, r in arch["adapters"]) * tokens
     attention = 3 * 4 * arch["n_layers"] * arch["attn_dim"] * sum(n * n / 2 for n in lengths)
     return (frozen + lora + attention) * epochs
 
