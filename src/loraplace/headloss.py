@@ -1,0 +1,96 @@
+"""The output head and the cross-entropy as one pass over token blocks: no whole logits tensor.
+
+    total = head_loss(model, chunk)     # sum of the chunk's token losses, differentiable
+
+A causal LM's own loss makes the logits of every token (tokens x vocabulary floats: 192 KB a
+token for SmolLM2's 49,152 words), keeps their log-softmax for the backward pass and makes two
+more such tensors when that pass starts, while every layer's activations are still held. With
+a frozen output head the only gradient needed there is the one for the hidden states, so this
+computes it in the forward pass, `ROWS` tokens at a time: softmax minus the one-hot target,
+times the head's weight. What stays until the backward pass is a tokens x hidden tensor.
+Same arithmetic as the model's loss; `head_loss_is_exact` checks it on the model at run start
+(a model that scales or caps its logits fails the check and keeps its own loss).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraplace.data import IGNORE
+
+ROWS = 128  # tokens per block of logits: 24 MB at a 49k vocabulary
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum over tokens with a target of cross_entropy(hidden @ weight.T + bias, target)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], ROWS):
+            target = targets[start : start + ROWS]
+            counted = target != IGNORE
+            if not counted.any():
+                continue
+            rows = counted.nonzero().squeeze(1)
+            logits = F.linear(hidden[start : start + ROWS][rows], weight, bias).float()
+            picked = target[rows]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, picked[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(rows), device=probs.device), picked] -= 1.0
+                grad[start + rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None
+
+
+def _parts(model):
+    """(decoder body, output head) of a causal LM, PEFT-wrapped or not; None where it has none."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(lm, "base_model", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if body is None or body is lm or not isinstance(head, torch.nn.Linear):
+        return None
+    return body, head
+
+
+def head_loss(model, inputs: dict) -> torch.Tensor:
+    """Sum of the token losses of a batch whose labels are the inputs (shifted inside)."""
+    body, head = _parts(model)
+    labels = inputs["labels"]
+    hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # token t predicts token t + 1
+    return LinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1)
+    )
+
+
+@torch.no_grad()
+def head_loss_is_exact(model, device: str = "cpu", tolerance: float = 1e-4) -> bool:
+    """Whether `head_loss` gives this model's own loss (frozen head, unscaled logits)."""
+    parts = _parts(model)
+    if parts is None or any(p.requires_grad for p in parts[1].parameters()):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, min(model.config.vocab_size, 1000), (1, 12), generator=generator)
+    labels = ids.clone()
+    labels[0, :3] = IGNORE
+    inputs = {"input_ids": ids.to(device), "labels": labels.to(device)}
+    was_training = model.training
+    model.eval()
+    try:
+        own = float(model(**inputs).loss) * int((labels[0, 1:] != IGNORE).sum())
+        ours = float(head_loss(model, inputs))
+    except (RuntimeError, ValueError, TypeError, AttributeError):
+        return False
+    finally:
+        model.train(was_training)
+    return abs(own - ours) <= tolerance * max(1.0, abs(own))
