@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+import sys
 
 import pandas as pd
 import pytest
@@ -130,6 +131,8 @@ def test_same_seed_same_eval_loss(tiny_gpt2_dir, tmp_path):
         {},  # packed in chunks of at most max_length tokens, one chunk at a time (the default)
         {"pack_tokens": 128},  # two examples per chunk
         {"pack_tokens": 4096},  # the whole step in one packed row
+        {"fused_head_loss": False},  # the model's own output head and loss, whole logits
+        {"release_memory": False},  # glibc's own mmap threshold
         {"fused_lora": False},  # PEFT's own LoRA forward (frozen products still oneDNN)
         {"onednn": True},  # frozen products through oneDNN
     ],
@@ -155,6 +158,9 @@ def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
     )
     fast = train_run(_spec(tiny_gpt2_dir, tmp_path, dropout=0.0, **switches))
     assert fast["packed"] == ("packing" not in switches)
+    assert fast["fused_head_loss"] == (fast["packed"] and "fused_head_loss" not in switches)
+    if sys.platform == "linux":  # glibc: mallopt is there
+        assert fast["release_memory"] == ("release_memory" not in switches)
     plain_curve = [p["loss"] for p in plain["curves"]["train"]]
     fast_curve = [p["loss"] for p in fast["curves"]["train"]]
     assert len(plain_curve) == len(fast_curve) == 4  # 8 rows / 4 per step x 2 epochs

@@ -31,6 +31,8 @@ PLAIN = {
     "packing": False,
     "segment_attention": False,
     "fused_lora": False,
+    "fused_head_loss": False,
+    "release_memory": False,
     "onednn": False,
     "reuse_base_eval": False,
 }

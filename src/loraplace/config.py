@@ -52,9 +52,11 @@ class StudyConfig:
     pad_to: str = "longest"  # longest | max_length (the seed's fixed padding)
     fuse_accumulation: bool = True  # run the grad_accum micro-batches as one batch
     packing: bool = True  # that batch without padding (checked exact on the model first)
-    pack_tokens: int | None = None  # tokens per packed forward; None: max_length (plain's memory)
+    pack_tokens: int | None = None  # tokens per packed forward; None: 1.5 x max_length (README)
     segment_attention: bool = True  # packed rows: attention per example, not T x T masked
     fused_lora: bool = True  # one autograd function per adapted layer (kernels.py)
+    fused_head_loss: bool = True  # output head + cross-entropy in token blocks (headloss.py)
+    release_memory: bool = True  # freed buffers of 1 MB or more go back to the OS (glibc)
     onednn: bool = False  # frozen products through oneDNN on CPU: faster, more memory (README)
     reuse_base_eval: bool = True  # evaluate the untrained model once per study, not per run
     device: str = "auto"  # auto | cpu | cuda | mps
