@@ -7,7 +7,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from loraplace.kernels import LANES, LoraLinear, accelerate, drop_threshold, keep_mask
+from loraplace.kernels import (
+    LANES,
+    LoraLinear,
+    accelerate,
+    drop_threshold,
+    keep_mask,
+    random_lanes,
+)
 
 LLAMA = LlamaConfig(
     vocab_size=100,
@@ -64,9 +71,10 @@ def test_dropout_gradients_match_autograd_with_the_same_mask():
     weight_t, bias = torch.randn(8, 6), torch.randn(6)  # frozen, stored (in, out)
     a = torch.randn(2, 8, requires_grad=True)
     b = torch.randn(6, 2, requires_grad=True)
-    mask = keep_mask(x.shape, 0.3, x.device)
+    lanes = random_lanes(x.shape, x.device)
+    mask = keep_mask(lanes, 0.3)
     scale = LANES / (LANES - drop_threshold(0.3))
-    fast = LoraLinear.apply(x, weight_t.t(), bias, a, b, 1.5, mask, scale, True)
+    fast = LoraLinear.apply(x, weight_t.t(), bias, a, b, 1.5, lanes, 0.3, True)
     reference = x @ weight_t + bias + ((x * mask * scale) @ a.t() @ b.t()) * 1.5
     torch.testing.assert_close(fast, reference)
     upstream = torch.randn_like(fast)
@@ -78,10 +86,12 @@ def test_dropout_gradients_match_autograd_with_the_same_mask():
 
 def test_mask_keeps_each_lane_with_probability_one_minus_p():
     torch.manual_seed(0)
-    mask = keep_mask(torch.Size([400_000]), 0.1, torch.device("cpu"))
-    assert mask.dtype == torch.bool
+    lanes = random_lanes(torch.Size([400_000]), torch.device("cpu"))
+    mask = keep_mask(lanes, 0.1)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(mask.bool(), lanes >= drop_threshold(0.1) - LANES // 2)
     for lane in mask.view(-1, 4).t():  # the 4 lanes of every 64-bit random word
-        assert lane.float().mean().item() == pytest.approx(0.9, abs=0.003)
+        assert lane.mean().item() == pytest.approx(0.9, abs=0.003)
     assert drop_threshold(0.1) / LANES == pytest.approx(0.1, abs=1e-5)
 
 

@@ -5,9 +5,10 @@
 (a) plain: the seed's pipeline, Hugging Face Trainer + PEFT, every example padded to
     max_length, batch 1 x grad-accum 4, one placement after another, each in a fresh process
     that reloads the model (every switch in PLAIN off); (b) loraplace: the defaults, no
-    padding (examples packed in chunks no longer than max_length, attention per example), the
-    4 micro-batches as one optimizer step, fused LoRA layers, and the untrained model evaluated
-    once per study (`--set onednn=true` adds oneDNN frozen products).
+    padding (examples packed in chunks of at most 1.5 x max_length tokens, attention per
+    example), the 4 micro-batches as one optimizer step, fused LoRA layers, the output head and
+    its loss in token blocks, freed buffers returned to the OS, and the untrained model
+    evaluated once per study (`--set onednn=true` adds oneDNN frozen products).
 Both are evaluated by the same code. The runs alternate (a, b, a, b, ...) so both see the
 machine in the same state. Results: OUT/bench.json and OUT/bench.md. Not a test: no asserts.
 """
