@@ -16,6 +16,7 @@ from loraplace.data import (
     IGNORE,
     Collator,
     Example,
+    PackedCollator,
     balanced_groups,
     load_rows,
     prompt,
@@ -416,3 +417,20 @@ def test_balanced_groups(lengths, capacity, expected):
     assert groups == expected
     assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in g) <= capacity or len(g) == 1 for g in groups)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("segments", [False, True])
+def test_packed_evaluation_gives_every_example_its_padded_loss(kind, segments):
+    from loraplace.segments import use_segment_attention
+
+    model = tiny_model(kind).eval()
+    if segments:
+        assert use_segment_attention(model)
+    examples = _examples()
+    padded = example_losses(model, examples, Collator(EOS), batch_size=2)
+    capacity = sum(len(e.input_ids) for e in examples) // 2  # two rows or more
+    packed = example_losses(model, examples, PackedCollator(capacity, segments), batch_size=2)
+    assert [n for _, n in packed] == [n for _, n in padded]
+    for (got, _), (want, _) in zip(packed, padded, strict=True):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5)

@@ -62,6 +62,7 @@ class StudyConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None
     eval_batch_size: int = 4
+    pack_eval: bool = True  # evaluate packed rows, no padding (checked exact; both bench paths)
     # reporting
     reference: str = "full"
     compare: str = "all"  # all pairs, or "reference"

@@ -15,14 +15,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from loraplace.data import IGNORE
+from loraplace.data import IGNORE, PackedCollator, balanced_groups
 
 
 @torch.no_grad()
 def example_losses(
     model, examples, collate, batch_size: int = 4, device: str = "cpu"
 ) -> list[tuple[float, int]]:
-    """(sum of token losses, number of target tokens) for every example, in order."""
+    """(sum of token losses, number of target tokens) for every example, in order.
+
+    With a `PackedCollator` (`max_tokens` set) the examples run packed, no padding, in as few
+    rows of at most `max_tokens` tokens as fit; otherwise padded, `batch_size` at a time.
+    """
+    if isinstance(collate, PackedCollator):
+        return _packed_losses(model, examples, collate, device)
     was_training = model.training
     model.eval()
     out: list[tuple[float, int]] = []
@@ -39,6 +45,28 @@ def example_losses(
         counted = targets != IGNORE
         for row_loss, row_mask in zip(losses, counted, strict=True):
             out.append((float(row_loss[row_mask].sum()), int(row_mask.sum())))
+    model.train(was_training)
+    return out
+
+
+def _packed_losses(model, examples, collate: PackedCollator, device: str):
+    was_training = model.training
+    model.eval()
+    lengths = [len(e.input_ids) for e in examples]
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    for group in balanced_groups(lengths, collate.max_tokens):
+        row = {k: v.to(device) for k, v in collate.pack([examples[i] for i in group]).items()}
+        labels = row.pop("labels")[0]
+        logits = model(**row).logits[0]
+        losses = F.cross_entropy(  # position t predicts token t + 1
+            logits[:-1].float(), labels[1:], ignore_index=IGNORE, reduction="none"
+        )
+        start = 0
+        for i in group:  # an example's last position predicts the next one's first: no label
+            end = start + lengths[i]
+            counted = labels[start + 1 : end] != IGNORE
+            out[i] = (float(losses[start : end - 1][counted].sum()), int(counted.sum()))
+            start = end
     model.train(was_training)
     return out
 

@@ -146,7 +146,15 @@ def _chunked_trainer(fused_head_loss: bool = False):
     return ChunkedTrainer
 
 
-BASE_EVAL_KEYS = ("model", "data", "eval_split", "max_length", "loss_on", "trust_remote_code")
+BASE_EVAL_KEYS = (
+    "model",
+    "data",
+    "eval_split",
+    "max_length",
+    "loss_on",
+    "trust_remote_code",
+    "pack_eval",
+)
 
 
 def base_evaluation(spec: dict, cfg: StudyConfig, device: str, eval_set, evaluate) -> list:
@@ -210,6 +218,9 @@ def train_run(spec: dict) -> dict:
     if packed:
         collate = PackedCollator(cfg.pack_tokens or cfg.max_length * 3 // 2, segments)
     eval_collate = Collator(tokenizer.pad_token_id)  # both paths: the same evaluation
+    eval_packed = cfg.pack_eval and (packed or packing_is_exact(model, device))
+    if eval_packed:  # no padding; rows of up to eval_batch_size x max_length tokens, as padded
+        eval_collate = PackedCollator(cfg.eval_batch_size * cfg.max_length, segments)
 
     def evaluate():
         return example_losses(model, eval_set, eval_collate, cfg.eval_batch_size, device)
@@ -322,6 +333,7 @@ def train_run(spec: dict) -> dict:
         "packed": packed,
         "segment_attention": segments,
         "fused_head_loss": fused_head,
+        "packed_eval": eval_packed,
         "release_memory": released,
         "architecture": arch,
     }
