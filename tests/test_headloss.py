@@ -8,9 +8,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from loraplace.data import IGNORE
 from loraplace.headloss import ROWS, LinearCrossEntropy, head_loss, head_loss_is_exact
+from loraplace.kernels import onednn_available
+
+ONEDNN = [False] + ([True] if onednn_available() else [])
 
 
-def test_loss_and_hidden_gradient_equal_cross_entropy_across_blocks():
+@pytest.mark.parametrize("onednn", ONEDNN)
+def test_loss_and_hidden_gradient_equal_cross_entropy_across_blocks(onednn):
     gen = torch.Generator().manual_seed(0)
     n = 2 * ROWS + 44  # three blocks, the last one short
     hidden = torch.randn(n, 16, generator=gen, requires_grad=True)
@@ -19,7 +23,7 @@ def test_loss_and_hidden_gradient_equal_cross_entropy_across_blocks():
     targets[::7] = IGNORE
     targets[ROWS : 2 * ROWS] = IGNORE  # a block with nothing to predict
 
-    ours = LinearCrossEntropy.apply(hidden, weight, bias, targets)
+    ours = LinearCrossEntropy.apply(hidden, weight, bias, targets, onednn)
     (grad_ours,) = torch.autograd.grad(2.0 * ours, hidden)
     theirs = F.cross_entropy(
         hidden @ weight.T + bias, targets, ignore_index=IGNORE, reduction="sum"
@@ -31,10 +35,11 @@ def test_loss_and_hidden_gradient_equal_cross_entropy_across_blocks():
     assert not grad_ours[ROWS : 2 * ROWS].any()
 
 
+@pytest.mark.parametrize("onednn", ONEDNN)
 @pytest.mark.parametrize("kind", sorted(TINY))
-def test_exact_on_every_tiny_architecture(kind):
+def test_exact_on_every_tiny_architecture(kind, onednn):
     model = tiny_model(kind).requires_grad_(False)  # frozen, as under LoRA
-    assert head_loss_is_exact(model)
+    assert head_loss_is_exact(model, onednn=onednn)
 
 
 def test_model_gradients_equal_the_models_own_loss():

@@ -14,6 +14,7 @@ from conftest import ALPACA_HEAD
 
 from loraplace.cli import main
 from loraplace.config import StudyConfig
+from loraplace.kernels import onednn_available
 from loraplace.results import SUMMARY_COLUMNS
 from loraplace.strategies import BUILTINS, to_dict
 from loraplace.train import train_run
@@ -132,6 +133,7 @@ def test_same_seed_same_eval_loss(tiny_gpt2_dir, tmp_path):
         {"pack_tokens": 128},  # two examples per chunk
         {"pack_tokens": 4096},  # the whole step in one packed row
         {"fused_head_loss": False},  # the model's own output head and loss, whole logits
+        {"onednn_head": False},  # the fused head loss's products through the default BLAS
         {"release_memory": False},  # glibc's own mmap threshold
         {"fused_lora": False},  # PEFT's own LoRA forward (frozen products still oneDNN)
         {"onednn": True},  # frozen products through oneDNN
@@ -154,11 +156,15 @@ def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
             packing=False,
             fused_lora=False,
             onednn=False,
+            onednn_head=False,
         )
     )
     fast = train_run(_spec(tiny_gpt2_dir, tmp_path, dropout=0.0, **switches))
     assert fast["packed"] == ("packing" not in switches)
     assert fast["fused_head_loss"] == (fast["packed"] and "fused_head_loss" not in switches)
+    assert fast["onednn_head"] == (
+        fast["fused_head_loss"] and "onednn_head" not in switches and onednn_available()
+    )
     if sys.platform == "linux":  # glibc: mallopt is there
         assert fast["release_memory"] == ("release_memory" not in switches)
     plain_curve = [p["loss"] for p in plain["curves"]["train"]]

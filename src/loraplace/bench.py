@@ -35,6 +35,7 @@ PLAIN = {
     "fused_head_loss": False,
     "release_memory": False,
     "onednn": False,
+    "onednn_head": False,
     "reuse_base_eval": False,
 }
 

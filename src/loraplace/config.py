@@ -58,6 +58,7 @@ class StudyConfig:
     fused_head_loss: bool = True  # output head + cross-entropy in token blocks (headloss.py)
     release_memory: bool = True  # freed buffers of 1 MB or more go back to the OS (glibc)
     onednn: bool = False  # frozen products through oneDNN on CPU: faster, more memory (README)
+    onednn_head: bool = True  # the fused head loss's two products through oneDNN on CPU
     reuse_base_eval: bool = True  # evaluate the untrained model once per study, not per run
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None

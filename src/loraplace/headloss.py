@@ -10,6 +10,10 @@ computes it in the forward pass, `ROWS` tokens at a time: softmax minus the one-
 times the head's weight. What stays until the backward pass is a tokens x hidden tensor.
 Same arithmetic as the model's loss; `head_loss_is_exact` checks it on the model at run start
 (a model that scales or caps its logits fails the check and keeps its own loss).
+
+With `onednn` (CPU, float32) both head products run through oneDNN: for 128 tokens against
+SmolLM2's 49,152 x 576 head, the logits took 175-194 GFLOP/s there against 87-98 with the
+default BLAS, and the hidden-state gradient 160 against 143, with no extra memory.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplace.data import IGNORE
+from loraplace.kernels import linear
 
 ROWS = 128  # tokens per block of logits: 24 MB at a 49k vocabulary
 
@@ -26,7 +31,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum over tokens with a target of cross_entropy(hidden @ weight.T + bias, target)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
+    def forward(ctx, hidden, weight, bias, targets, onednn=False):
         grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], ROWS):
@@ -35,21 +40,23 @@ class LinearCrossEntropy(torch.autograd.Function):
             if not counted.any():
                 continue
             rows = counted.nonzero().squeeze(1)
-            logits = F.linear(hidden[start : start + ROWS][rows], weight, bias).float()
+            logits = linear(hidden[start : start + ROWS][rows], weight, bias, onednn).float()
             picked = target[rows]
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, picked[:, None]).squeeze(1)).sum()
             if grad is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(len(rows), device=probs.device), picked] -= 1.0
-                grad[start + rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+                grad[start + rows] = linear(probs.to(weight.dtype), weight.t(), None, onednn).to(
+                    grad.dtype
+                )
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total, None, None, None
+        return grad * grad_total, None, None, None, None
 
 
 def _parts(model):
@@ -62,19 +69,21 @@ def _parts(model):
     return body, head
 
 
-def head_loss(model, inputs: dict) -> torch.Tensor:
+def head_loss(model, inputs: dict, onednn: bool = False) -> torch.Tensor:
     """Sum of the token losses of a batch whose labels are the inputs (shifted inside)."""
     body, head = _parts(model)
     labels = inputs["labels"]
     hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # token t predicts token t + 1
     return LinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1)
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1), onednn
     )
 
 
 @torch.no_grad()
-def head_loss_is_exact(model, device: str = "cpu", tolerance: float = 1e-4) -> bool:
+def head_loss_is_exact(
+    model, device: str = "cpu", tolerance: float = 1e-4, onednn: bool = False
+) -> bool:
     """Whether `head_loss` gives this model's own loss (frozen head, unscaled logits)."""
     parts = _parts(model)
     if parts is None or any(p.requires_grad for p in parts[1].parameters()):
@@ -88,7 +97,7 @@ def head_loss_is_exact(model, device: str = "cpu", tolerance: float = 1e-4) -> b
     model.eval()
     try:
         own = float(model(**inputs).loss) * int((labels[0, 1:] != IGNORE).sum())
-        ours = float(head_loss(model, inputs))
+        ours = float(head_loss(model, inputs, onednn))
     except (RuntimeError, ValueError, TypeError, AttributeError):
         return False
     finally:

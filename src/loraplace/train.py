@@ -117,7 +117,7 @@ def _callback(evaluate, curves: dict, timing: dict):
     return Recorder()
 
 
-def _chunked_trainer(fused_head_loss: bool = False):
+def _chunked_trainer(fused_head_loss: bool = False, onednn_head: bool = False):
     from transformers import Trainer
 
     from loraplace.data import IGNORE
@@ -126,7 +126,8 @@ def _chunked_trainer(fused_head_loss: bool = False):
     class ChunkedTrainer(Trainer):
         """Runs one optimizer step's packed chunks one at a time, each weighted by its share of
         the step's target tokens: the gradient of the fused batch, the memory of one chunk.
-        With `fused_head_loss` a chunk's loss is `headloss.head_loss` (no whole logits)."""
+        With `fused_head_loss` a chunk's loss is `headloss.head_loss` (no whole logits), its
+        head products through oneDNN with `onednn_head`."""
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             model.train()
@@ -136,7 +137,7 @@ def _chunked_trainer(fused_head_loss: bool = False):
             for chunk, count in zip(chunks, counts, strict=True):
                 chunk = self._prepare_inputs(chunk)
                 if fused_head_loss:
-                    loss = head_loss(model, chunk) / sum(counts)
+                    loss = head_loss(model, chunk, onednn_head) / sum(counts)
                 else:
                     loss = model(**chunk).loss * (count / sum(counts))
                 self.accelerator.backward(loss)
@@ -183,7 +184,7 @@ def train_run(spec: dict) -> dict:
     from loraplace.adapters import attach
     from loraplace.bench import architecture
     from loraplace.headloss import head_loss_is_exact
-    from loraplace.kernels import accelerate
+    from loraplace.kernels import accelerate, onednn_available
     from loraplace.models import load_model, resolve
     from loraplace.placement import place
     from loraplace.roles import classify
@@ -231,7 +232,9 @@ def train_run(spec: dict) -> dict:
     arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
     model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
     accelerate(model, cfg.fused_lora, cfg.onednn)
+    onednn_head = cfg.onednn_head and device == "cpu" and onednn_available()
     fused_head = packed and cfg.fused_head_loss and head_loss_is_exact(model, device)
+    onednn_head = fused_head and onednn_head and head_loss_is_exact(model, device, onednn=True)
     base_generations = []
     if prompts:
         with model.disable_adapter():
@@ -264,7 +267,7 @@ def train_run(spec: dict) -> dict:
     )
     curves: dict = {"train": [], "eval": [], "last_eval": None}
     timing = {"eval_s": 0.0}
-    trainer = (_chunked_trainer(fused_head) if packed else Trainer)(
+    trainer = (_chunked_trainer(fused_head, onednn_head) if packed else Trainer)(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -333,6 +336,7 @@ def train_run(spec: dict) -> dict:
         "packed": packed,
         "segment_attention": segments,
         "fused_head_loss": fused_head,
+        "onednn_head": onednn_head,
         "packed_eval": eval_packed,
         "release_memory": released,
         "architecture": arch,
