@@ -95,6 +95,23 @@ def test_mask_keeps_each_lane_with_probability_one_minus_p():
     assert drop_threshold(0.1) / LANES == pytest.approx(0.1, abs=1e-5)
 
 
+def test_lanes_follow_torch_manual_seed():
+    shape = torch.Size([3, 1001])  # not a multiple of 4 lanes
+    torch.manual_seed(7)
+    first, second = random_lanes(shape, "cpu"), random_lanes(shape, "cpu")
+    torch.manual_seed(7)
+    assert torch.equal(random_lanes(shape, "cpu"), first)
+    assert not torch.equal(first, second)
+    assert first.dtype == torch.int16 and first.shape == shape
+
+
+def test_mask_at_the_ends_of_the_lane_range():
+    lanes = torch.tensor([-32768, -32767, 0, 32766, 32767], dtype=torch.int16)
+    assert keep_mask(lanes, 1e-7).tolist() == [1.0] * 5  # rounds to p = 0: keep all
+    assert keep_mask(lanes, 1 - 1e-7).tolist() == [0.0] * 5  # rounds to p = 1: drop all
+    assert keep_mask(lanes, 1 - 2 / LANES).tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+
+
 def test_training_dropout_is_random_and_eval_is_not():
     _, model = _peft_pair("llama", lora_dropout=0.5)
     accelerate(model)
