@@ -174,6 +174,38 @@ def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
     assert fast["metrics"]["eval_loss"] == pytest.approx(plain["metrics"]["eval_loss"], rel=1e-4)
 
 
+def test_one_worker_process_gives_what_fresh_processes_give(capsys, tiny_gpt2_dir, tmp_path):
+    found = {}
+    for reuse in ("false", "true"):
+        out = tmp_path / reuse
+        code, stdout, _ = study(
+            capsys, tiny_gpt2_dir, out, *THREE_STRATEGIES, "--set", f"reuse_process={reuse}"
+        )
+        assert code == 0, stdout
+        found[reuse] = [
+            json.loads((out / f"runs/{s}/seed-42/result.json").read_text())
+            for s in ("full", "seed-attention", "top")
+        ]
+    for fresh, reused in zip(found["false"], found["true"], strict=True):
+        assert reused["metrics"]["eval_loss"] == fresh["metrics"]["eval_loss"]
+        assert reused["curves"]["train"] == fresh["curves"]["train"]
+        assert reused["metrics"]["peak_memory_mb"] > 0
+    assert len({r["process"] for r in found["false"]}) == 3
+    assert len({r["process"] for r in found["true"]}) == 1
+    assert os.getpid() not in {r["process"] for r in found["true"]}
+
+
+def test_a_dead_worker_is_reported_and_replaced(capsys, tiny_gpt2_dir, tmp_path):
+    from loraplace import runner
+
+    broken = tmp_path / "spec.json"
+    broken.write_text("{not json")  # the worker dies on it before it can write a result
+    assert runner.run_spec(broken, dict(os.environ), reuse_process=True) != 0
+    assert runner._worker is None
+    code, stdout, _ = study(capsys, tiny_gpt2_dir, tmp_path / "out", "--strategy", "full")
+    assert code == 0 and "full seed 42: ok" in stdout
+
+
 def test_failed_run_is_recorded_and_the_study_goes_on(capsys, tiny_gpt2_dir, tmp_path):
     out = tmp_path / "out"
     code, stdout, _ = study(

@@ -37,6 +37,7 @@ PLAIN = {
     "onednn": False,
     "onednn_head": False,
     "reuse_base_eval": False,
+    "reuse_process": False,
 }
 
 

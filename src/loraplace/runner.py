@@ -1,15 +1,18 @@
-"""`loraplace study`: every (strategy, seed) run, each in its own process, results never lost.
+"""`loraplace study`: every (strategy, seed) run, outside this process, results never lost.
 
     loraplace study --config configs/offline.yaml --out runs/offline
 
 Everything a user can get wrong (strategies, model, data, splits, output folder) is checked
 before anything is written. Finished runs with the same settings are skipped on a second call;
 unfinished or failed ones are run again. Each run is a self-contained spec -> result.json unit
-(see `train.py`), run in a fresh process so its peak memory is its own.
+(see `train.py`). By default (`reuse_process`) the runs go one after another to one worker
+process that imports Python's ML stack once, restarts its peak-memory count for every run and
+is started again if it dies; otherwise each run gets a fresh process.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -35,6 +38,7 @@ NOT_RUN_KEYS = (
     "wandb_project",
     "equal_budget",
     "reuse_base_eval",
+    "reuse_process",
 )
 
 
@@ -110,6 +114,75 @@ def _env(cfg: StudyConfig, out: Path, name: str) -> dict:
     return env
 
 
+class Worker:
+    """A `python -m loraplace.train --serve` process: spec paths in on stdin, statuses back."""
+
+    def __init__(self) -> None:
+        read, write = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraplace.train", "--serve", str(write)],
+            stdin=subprocess.PIPE,
+            text=True,
+            pass_fds=(write,),
+        )
+        os.close(write)
+        self.replies = os.fdopen(read)
+
+    def run(self, spec_path: Path, env: dict) -> int | None:
+        """The run's exit status; None if the worker died (it is not used again)."""
+        try:
+            job = {"spec": str(spec_path), "env": env, "cwd": os.getcwd()}
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            return None
+        line = self.replies.readline()
+        return json.loads(line)["code"] if line else None
+
+    def close(self, timeout: float | None = None) -> int:
+        """End its input (it exits after the run in hand); kill it if `timeout` passes first."""
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        self.replies.close()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+_worker: Worker | None = None
+
+
+def _close_worker(timeout: float | None = 30) -> None:
+    global _worker
+    if _worker is not None:
+        _worker.close(timeout)
+        _worker = None
+
+
+atexit.register(_close_worker)
+
+
+def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
+    """Run one spec outside this process; its exit status (a dead worker's own status)."""
+    global _worker
+    if not reuse_process or not os.path.exists("/proc/self/clear_refs"):  # per-run peaks
+        cmd = [sys.executable, "-m", "loraplace.train", str(spec_path)]
+        return subprocess.run(cmd, env=env).returncode
+    if _worker is None or _worker.proc.poll() is not None:
+        _close_worker()
+        _worker = Worker()
+    code = _worker.run(spec_path, env)
+    if code is None:
+        worker, _worker = _worker, None
+        return worker.close()
+    return code
+
+
 def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     """Run every missing (strategy, seed); return all results found under OUT."""
     out = Path(out)
@@ -149,9 +222,8 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         (folder / "result.json").unlink(missing_ok=True)
         write_json(folder / "spec.json", spec)
         t0 = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "loraplace.train", str(folder / "spec.json")],
-            env=_env(cfg, out, f"{name}-seed-{seed}"),
+        code = run_spec(
+            folder / "spec.json", _env(cfg, out, f"{name}-seed-{seed}"), cfg.reuse_process
         )
         durations.append(time.perf_counter() - t0)
         if not (folder / "result.json").is_file():  # the process died before it could say why
@@ -163,7 +235,7 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
                     "seed": seed,
                     "config": spec["config"],
                     "strategy_spec": spec["strategy"],
-                    "error": f"worker exited with status {proc.returncode}",
+                    "error": f"worker exited with status {code}",
                 },
             )
         result = json.loads((folder / "result.json").read_text())
