@@ -55,9 +55,9 @@ def release_freed_memory() -> bool:
     By default glibc raises that threshold to the largest block freed so far, so the activation
     buffers of later chunks come from a heap that only grows: a 1-epoch `full` run on the
     embedded model peaked at 2,228 MB that way and at 2,120 MB with the threshold fixed, with
-    no measurable change in time. Smaller buffers still leave free holes inside the heap, so
-    the run also calls `trim_heap` after every optimizer step (about 50 ms; 1-epoch
-    `attention` runs peaked at 1,857 and 1,881 MB with it, 2,188 and 2,196 MB with neither).
+    no measurable change in time. (Trimming the heap after every optimizer step as well cut a
+    1-epoch `attention` run's peak by about 300 MB but a 3-epoch `full` run's training time
+    went from 203 s to 258 s: the freed pages fault back in at every step. Not done.)
     False (nothing done) where the C library has no `mallopt`.
     """
     import ctypes
@@ -102,7 +102,7 @@ def peak_memory_mb(device: str) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def _callback(evaluate, curves: dict, timing: dict, trim: bool = False):
+def _callback(evaluate, curves: dict, timing: dict):
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
@@ -124,10 +124,6 @@ def _callback(evaluate, curves: dict, timing: dict, trim: bool = False):
                 raise FloatingPointError(
                     f"non-finite gradient at step {state.global_step + 1}: the loss diverged"
                 )
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if trim:  # freed buffers under 1 MB leave holes in the heap
-                trim_heap()
 
         def on_epoch_end(self, args, state, control, **kwargs):
             start = time.perf_counter()
@@ -300,7 +296,7 @@ def train_run(spec: dict) -> dict:
         args=args,
         train_dataset=train_set,
         data_collator=collate,
-        callbacks=[_callback(evaluate, curves, timing, trim=released)],
+        callbacks=[_callback(evaluate, curves, timing)],
     )
     trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
     if device == "cuda":
