@@ -60,7 +60,7 @@ class StudyConfig:
     onednn: bool = False  # frozen products through oneDNN on CPU: faster, more memory (README)
     onednn_head: bool = True  # the fused head loss's two products through oneDNN on CPU
     reuse_base_eval: bool = True  # evaluate the untrained model once per study, not per run
-    reuse_process: bool = True  # runs share one worker process (imports once; runner.py)
+    reuse_process: bool = False  # runs share one worker process: imports once, more memory
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None
     eval_batch_size: int = 4

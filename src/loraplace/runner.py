@@ -5,9 +5,9 @@
 Everything a user can get wrong (strategies, model, data, splits, output folder) is checked
 before anything is written. Finished runs with the same settings are skipped on a second call;
 unfinished or failed ones are run again. Each run is a self-contained spec -> result.json unit
-(see `train.py`). By default (`reuse_process`) the runs go one after another to one worker
-process that imports Python's ML stack once, restarts its peak-memory count for every run and
-is started again if it dies; otherwise each run gets a fresh process.
+(see `train.py`), run in a fresh process so its peak memory is its own; with `reuse_process`
+the runs go one after another to one worker process that imports Python's ML stack once,
+restarts its peak-memory count for every run and is started again if it dies.
 """
 
 from __future__ import annotations
