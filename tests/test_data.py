@@ -421,16 +421,25 @@ def test_balanced_groups(lengths, capacity, expected):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("segments", [False, True])
-def test_packed_evaluation_gives_every_example_its_padded_loss(kind, segments):
+@pytest.mark.parametrize("head", [None, "blocks", "onednn"])
+def test_packed_evaluation_gives_every_example_its_padded_loss(kind, segments, head, monkeypatch):
+    from loraplace import headloss
+    from loraplace.kernels import onednn_available
     from loraplace.segments import use_segment_attention
 
+    if head == "onednn" and not onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(headloss, "ROWS", 7)  # several blocks a row, one cut inside an example
     model = tiny_model(kind).eval()
     if segments:
         assert use_segment_attention(model)
+    if head:
+        assert headloss.head_loss_matches(model, onednn=head == "onednn")
     examples = _examples()
     padded = example_losses(model, examples, Collator(EOS), batch_size=2)
     capacity = sum(len(e.input_ids) for e in examples) // 2  # two rows or more
-    packed = example_losses(model, examples, PackedCollator(capacity, segments), batch_size=2)
+    collate = PackedCollator(capacity, segments)
+    packed = example_losses(model, examples, collate, batch_size=2, head=head)
     assert [n for _, n in packed] == [n for _, n in padded]
     for (got, _), (want, _) in zip(packed, padded, strict=True):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-5)

@@ -84,6 +84,31 @@ def test_dropout_gradients_match_autograd_with_the_same_mask():
         torch.testing.assert_close(got, want)
 
 
+def test_backward_keeps_the_shared_input_not_masked_copies():
+    """q, k and v read one input: their functions keep that one float tensor and int16 lanes."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    layers = [(torch.randn(n, 16), torch.randn(4, 16, requires_grad=True), torch.randn(n, 4))
+              for n in (16, 8, 8)]  # fmt: skip
+    kept = []
+
+    def keep(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        for weight, a, b in layers:
+            LoraLinear.apply(x, weight, None, a, b, 2.0, random_lanes(x.shape, "cpu"), 0.1, False)
+    params = {t.untyped_storage().data_ptr() for layer in layers for t in layer}
+    floats = {
+        t.untyped_storage().data_ptr()
+        for t in kept
+        if t.numel() >= x.numel() and t.dtype == torch.float32
+    }
+    assert floats - params == {x.untyped_storage().data_ptr()}
+    assert sum(t.dtype == torch.int16 for t in kept) == 3  # one set of lanes a layer
+
+
 def test_mask_keeps_each_lane_with_probability_one_minus_p():
     torch.manual_seed(0)
     lanes = random_lanes(torch.Size([400_000]), torch.device("cpu"))
@@ -137,3 +162,39 @@ def test_disable_adapter_gives_the_base_model():
 def test_layers_it_cannot_reproduce_keep_peft_forward():
     _, model = _peft_pair("llama", lora_dropout=0.0, use_dora=True)
     assert accelerate(model)["fused_lora"] == 0
+
+
+@pytest.mark.parametrize("targets", ["all", "attention"])  # gate/up adapted, or plain Linear
+def test_fused_mlp_gives_the_same_loss_and_gradients(targets):
+    torch.manual_seed(0)
+    modules = TARGETS["llama"] if targets == "all" else TARGETS["llama"][:4]
+    model = get_peft_model(
+        AutoModelForCausalLM.from_config(LLAMA),
+        LoraConfig(r=4, lora_alpha=8, target_modules=modules, lora_dropout=0.0),
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    fused = copy.deepcopy(model)
+    assert accelerate(fused, fused_lora=True, onednn=False, fused_mlp=True)["fused_mlp"] == 2
+    accelerate(model, fused_lora=True, onednn=False, fused_mlp=False)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for m in (model, fused):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss))
+    assert losses[0] == losses[1]  # the same floating-point operations
+    fused_params = dict(fused.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(fused_params[name].grad, p.grad), name
+
+
+def test_fused_mlp_leaves_other_blocks_alone():
+    gelu = AutoModelForCausalLM.from_config(
+        LlamaConfig(**(LLAMA.to_dict() | {"hidden_act": "gelu"}))
+    )
+    assert accelerate(gelu, fused_lora=False, onednn=False, fused_mlp=True)["fused_mlp"] == 0
+    gpt2 = AutoModelForCausalLM.from_config(GPT2)
+    assert accelerate(gpt2, fused_lora=False, onednn=False, fused_mlp=True)["fused_mlp"] == 0

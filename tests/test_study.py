@@ -157,6 +157,7 @@ def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
             fused_lora=False,
             onednn=False,
             onednn_head=False,
+            fused_mlp=False,
         )
     )
     fast = train_run(_spec(tiny_gpt2_dir, tmp_path, dropout=0.0, **switches))

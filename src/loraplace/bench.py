@@ -34,6 +34,7 @@ PLAIN = {
     "segment_attention": False,
     "fused_lora": False,
     "fused_head_loss": False,
+    "fused_mlp": False,
     "release_memory": False,
     "onednn": False,
     "onednn_head": False,

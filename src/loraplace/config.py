@@ -56,6 +56,7 @@ class StudyConfig:
     segment_attention: bool = True  # packed rows: attention per example, not T x T masked
     fused_lora: bool = True  # one autograd function per adapted layer (kernels.py)
     fused_head_loss: bool = True  # output head + cross-entropy in token blocks (headloss.py)
+    fused_mlp: bool = True  # SwiGLU blocks: silu(gate) * up as one function, less kept (kernels.py)
     release_memory: bool = True  # freed buffers of 1 MB or more go back to the OS (glibc)
     onednn: bool = False  # frozen products through oneDNN on CPU: faster, more memory (README)
     onednn_head: bool = True  # the fused head loss's two products through oneDNN on CPU

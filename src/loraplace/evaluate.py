@@ -16,19 +16,23 @@ import torch
 import torch.nn.functional as F
 
 from loraplace.data import IGNORE, PackedCollator, balanced_groups
+from loraplace.headloss import head_token_losses
 
 
 @torch.no_grad()
 def example_losses(
-    model, examples, collate, batch_size: int = 4, device: str = "cpu"
+    model, examples, collate, batch_size: int = 4, device: str = "cpu", head: str | None = None
 ) -> list[tuple[float, int]]:
     """(sum of token losses, number of target tokens) for every example, in order.
 
     With a `PackedCollator` (`max_tokens` set) the examples run packed, no padding, in as few
     rows of at most `max_tokens` tokens as fit; otherwise padded, `batch_size` at a time.
+    Packed, `head` "blocks" (or "onednn", its products through oneDNN) takes the output head
+    and the loss a block of tokens at a time (`headloss.head_token_losses`) instead of making
+    a row's whole logits: only for a model `headloss.head_loss_matches`.
     """
     if isinstance(collate, PackedCollator):
-        return _packed_losses(model, examples, collate, device)
+        return _packed_losses(model, examples, collate, device, head)
     was_training = model.training
     model.eval()
     out: list[tuple[float, int]] = []
@@ -49,18 +53,21 @@ def example_losses(
     return out
 
 
-def _packed_losses(model, examples, collate: PackedCollator, device: str):
+def _packed_losses(model, examples, collate: PackedCollator, device: str, head: str | None):
     was_training = model.training
     model.eval()
     lengths = [len(e.input_ids) for e in examples]
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     for group in balanced_groups(lengths, collate.max_tokens):
         row = {k: v.to(device) for k, v in collate.pack([examples[i] for i in group]).items()}
-        labels = row.pop("labels")[0]
-        logits = model(**row).logits[0]
-        losses = F.cross_entropy(  # position t predicts token t + 1
-            logits[:-1].float(), labels[1:], ignore_index=IGNORE, reduction="none"
-        )
+        labels = row["labels"][0]
+        if head:  # position t predicts token t + 1
+            losses = head_token_losses(model, row, onednn=head == "onednn")[0]
+        else:
+            logits = model(**{k: v for k, v in row.items() if k != "labels"}).logits[0]
+            losses = F.cross_entropy(
+                logits[:-1].float(), labels[1:], ignore_index=IGNORE, reduction="none"
+            )
         start = 0
         for i in group:  # an example's last position predicts the next one's first: no label
             end = start + lengths[i]

@@ -81,12 +81,30 @@ def head_loss(model, inputs: dict, onednn: bool = False) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_loss_is_exact(
+def head_token_losses(model, inputs: dict, onednn: bool = False) -> torch.Tensor:
+    """Each position's cross-entropy against the next token (0 where none is counted), shaped
+    like the labels: what the model's logits give, `ROWS` tokens at a time. For evaluation:
+    1,024 tokens of SmolLM2 make 201 MB of logits, and as much again for their log-softmax."""
+    body, head = _parts(model)
+    labels = inputs["labels"]
+    hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    losses = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, len(targets), ROWS):
+        logits = linear(hidden[start : start + ROWS], head.weight, head.bias, onednn).float()
+        losses[start : start + ROWS] = F.cross_entropy(
+            logits, targets[start : start + ROWS], ignore_index=IGNORE, reduction="none"
+        )
+    return losses.view(labels.shape)
+
+
+@torch.no_grad()
+def head_loss_matches(
     model, device: str = "cpu", tolerance: float = 1e-4, onednn: bool = False
 ) -> bool:
-    """Whether `head_loss` gives this model's own loss (frozen head, unscaled logits)."""
-    parts = _parts(model)
-    if parts is None or any(p.requires_grad for p in parts[1].parameters()):
+    """Whether the head-and-loss functions here give this model's own loss (unscaled logits)."""
+    if _parts(model) is None:
         return False
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, min(model.config.vocab_size, 1000), (1, 12), generator=generator)
@@ -103,3 +121,15 @@ def head_loss_is_exact(
     finally:
         model.train(was_training)
     return abs(own - ours) <= tolerance * max(1.0, abs(own))
+
+
+def head_is_frozen(model) -> bool:
+    parts = _parts(model)
+    return parts is not None and not any(p.requires_grad for p in parts[1].parameters())
+
+
+def head_loss_is_exact(
+    model, device: str = "cpu", tolerance: float = 1e-4, onednn: bool = False
+) -> bool:
+    """Whether `head_loss` can train this model: a frozen head and the model's own loss."""
+    return head_is_frozen(model) and head_loss_matches(model, device, tolerance, onednn)

@@ -182,14 +182,20 @@ BASE_EVAL_KEYS = (
 )
 
 
-def base_evaluation(spec: dict, cfg: StudyConfig, device: str, eval_set, evaluate) -> list:
+def base_evaluation(
+    spec: dict, cfg: StudyConfig, device: str, eval_set, evaluate, head: str | None
+) -> list:
     """The untrained model's per-example losses: computed once per study and shared by its runs
     when `reuse_base_eval` (every run of a study evaluates the same base model on the same rows)."""
     path = spec.get("base_eval")
     if not cfg.reuse_base_eval or not path:
         return evaluate()
     tokens = hashlib.sha256(json.dumps([e.input_ids for e in eval_set]).encode()).hexdigest()
-    key = {k: getattr(cfg, k) for k in BASE_EVAL_KEYS} | {"device": device, "tokens": tokens}
+    key = {k: getattr(cfg, k) for k in BASE_EVAL_KEYS} | {
+        "device": device,
+        "tokens": tokens,
+        "head": head,
+    }
     try:
         cached = json.loads(Path(path).read_text())
         if cached.get("key") == key:
@@ -207,7 +213,7 @@ def train_run(spec: dict) -> dict:
 
     from loraplace.adapters import attach
     from loraplace.bench import architecture
-    from loraplace.headloss import head_loss_is_exact
+    from loraplace.headloss import head_is_frozen, head_loss_matches
     from loraplace.kernels import accelerate, onednn_available
     from loraplace.models import load_model, resolve
     from loraplace.placement import place
@@ -246,19 +252,25 @@ def train_run(spec: dict) -> dict:
     eval_packed = cfg.pack_eval and (packed or packing_is_exact(model, device))
     if eval_packed:  # no padding; rows of up to eval_batch_size x max_length tokens, as padded
         eval_collate = PackedCollator(cfg.eval_batch_size * cfg.max_length, segments)
+    # Whether the head-and-loss functions give this model's loss, with the default BLAS and
+    # with oneDNN: checked once, here, for training (switches) and evaluation (both paths).
+    use_onednn = device == "cpu" and onednn_available()
+    head_exact = {o: head_loss_matches(model, device, onednn=o) for o in {False, use_onednn}}
+    eval_head = None
+    if eval_packed and head_exact[False]:  # no whole logits; the same for every run
+        eval_head = "onednn" if head_exact[use_onednn] and use_onednn else "blocks"
 
     def evaluate():
-        return example_losses(model, eval_set, eval_collate, cfg.eval_batch_size, device)
+        return example_losses(model, eval_set, eval_collate, cfg.eval_batch_size, device, eval_head)
 
     prompts = [prompt(r) for r in eval_rows[: cfg.generations]]
-    base_per_example = base_evaluation(spec, cfg, device, eval_set, evaluate)
+    base_per_example = base_evaluation(spec, cfg, device, eval_set, evaluate, eval_head)
     placement = place(classify(model), strategy, cfg.rank, cfg.bias)
     arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
     model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
-    accelerate(model, cfg.fused_lora, cfg.onednn)
-    onednn_head = cfg.onednn_head and device == "cpu" and onednn_available()
-    fused_head = packed and cfg.fused_head_loss and head_loss_is_exact(model, device)
-    onednn_head = fused_head and onednn_head and head_loss_is_exact(model, device, onednn=True)
+    taken = accelerate(model, cfg.fused_lora, cfg.onednn, cfg.fused_mlp)
+    fused_head = packed and cfg.fused_head_loss and head_exact[False] and head_is_frozen(model)
+    onednn_head = fused_head and cfg.onednn_head and use_onednn and head_exact[use_onednn]
     base_generations = []
     if prompts:
         with model.disable_adapter():
@@ -360,8 +372,10 @@ def train_run(spec: dict) -> dict:
         "packed": packed,
         "segment_attention": segments,
         "fused_head_loss": fused_head,
+        "fused_mlp": taken["fused_mlp"] > 0,
         "onednn_head": onednn_head,
         "packed_eval": eval_packed,
+        "eval_head": eval_head,
         "release_memory": released,
         "architecture": arch,
     }
