@@ -32,6 +32,24 @@ PACKAGES = (
 )
 
 
+CLEAR_REFS = "/proc/self/clear_refs"  # Linux: writing "5" restarts the process's VmHWM
+
+
+def peak_memory_restartable() -> bool:
+    """Whether a process here can restart its peak-memory count (so runs can share one)."""
+    return os.access(CLEAR_REFS, os.W_OK)
+
+
+def restart_peak_memory() -> bool:
+    """Start this process's peak-memory count again; False where that cannot be done."""
+    try:
+        with open(CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename: readers see old or new, never half."""
     path = Path(path)

@@ -24,7 +24,13 @@ import yaml
 
 from loraplace.config import StudyConfig
 from loraplace.errors import UserError
-from loraplace.results import load_results, run_dir, write_json, write_text
+from loraplace.results import (
+    load_results,
+    peak_memory_restartable,
+    run_dir,
+    write_json,
+    write_text,
+)
 from loraplace.strategies import Strategy, resolve, to_dict
 
 # Keys that change what a run computes; the others (strategy list, reporting) do not.
@@ -170,7 +176,7 @@ atexit.register(_close_worker)
 def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
     """Run one spec outside this process; its exit status (a dead worker's own status)."""
     global _worker
-    if not reuse_process or not os.path.exists("/proc/self/clear_refs"):  # per-run peaks
+    if not reuse_process or not peak_memory_restartable():  # else every run gets its own peak
         cmd = [sys.executable, "-m", "loraplace.train", str(spec_path)]
         return subprocess.run(cmd, env=env).returncode
     if _worker is None or _worker.proc.poll() is not None:

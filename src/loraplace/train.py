@@ -36,7 +36,7 @@ from loraplace.data import (
     tokenize,
 )
 from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
-from loraplace.results import environment, write_json
+from loraplace.results import environment, restart_peak_memory, write_json
 
 
 def pick_device(choice: str) -> str:
@@ -77,16 +77,6 @@ def trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def reset_peak_memory() -> bool:
-    """Start this process's peak-memory count again (Linux: its VmHWM, via clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def seed_everything(seed: int) -> None:
@@ -432,7 +422,7 @@ def serve(commands, replies) -> None:
         os.environ.update(job["env"])
         os.chdir(job["cwd"])
         torch.set_num_threads(threads)
-        reset_peak_memory()
+        restart_peak_memory()
         code = run_spec_file(Path(job["spec"]))
         _between_runs()
         replies.write(json.dumps({"code": code}) + "\n")
