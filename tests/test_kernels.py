@@ -33,17 +33,28 @@ TARGETS = {
 }
 
 
-def _peft_pair(arch: str, **lora):
+def _peft_pair(arch: str, targets: list[str] | None = None, **lora):
     torch.manual_seed(0)
     config = LLAMA if arch == "llama" else GPT2
     model = get_peft_model(
         AutoModelForCausalLM.from_config(config),
-        LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], **lora),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets or TARGETS[arch], **lora),
     )
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; make the adapter path matter
             torch.nn.init.normal_(p, std=0.1)
     return model, copy.deepcopy(model)
+
+
+def _train_step_losses(*models) -> list[float]:
+    """Each model's loss on one fixed batch, its gradients left in place."""
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in models:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss))
+    return losses
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -52,12 +63,7 @@ def test_same_loss_and_gradients_as_peft(arch):
     taken = accelerate(fast_model)
     assert taken["fused_lora"] == (14 if arch == "llama" else 8)
     assert taken["onednn_frozen"] == taken["fused_lora"] + 1  # + the output head
-    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for model in (peft_model, fast_model):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(float(loss))
+    losses = _train_step_losses(peft_model, fast_model)
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     fast_grads = dict(fast_model.named_parameters())
     for name, p in peft_model.named_parameters():
@@ -166,24 +172,11 @@ def test_layers_it_cannot_reproduce_keep_peft_forward():
 
 @pytest.mark.parametrize("targets", ["all", "attention"])  # gate/up adapted, or plain Linear
 def test_fused_mlp_gives_the_same_loss_and_gradients(targets):
-    torch.manual_seed(0)
     modules = TARGETS["llama"] if targets == "all" else TARGETS["llama"][:4]
-    model = get_peft_model(
-        AutoModelForCausalLM.from_config(LLAMA),
-        LoraConfig(r=4, lora_alpha=8, target_modules=modules, lora_dropout=0.0),
-    )
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    fused = copy.deepcopy(model)
+    model, fused = _peft_pair("llama", modules, lora_dropout=0.0)
     assert accelerate(fused, fused_lora=True, onednn=False, fused_mlp=True)["fused_mlp"] == 2
     accelerate(model, fused_lora=True, onednn=False, fused_mlp=False)
-    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for m in (model, fused):
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(float(loss))
+    losses = _train_step_losses(model, fused)
     assert losses[0] == losses[1]  # the same floating-point operations
     fused_params = dict(fused.named_parameters())
     for name, p in model.named_parameters():
