@@ -8,7 +8,7 @@ more such tensors when that pass starts, while every layer's activations are sti
 a frozen output head the only gradient needed there is the one for the hidden states, so this
 computes it in the forward pass, `ROWS` tokens at a time: softmax minus the one-hot target,
 times the head's weight. What stays until the backward pass is a tokens x hidden tensor.
-Same arithmetic as the model's loss; `head_loss_is_exact` checks it on the model at run start
+Same arithmetic as the model's loss; `head_loss_matches` checks it on the model at run start
 (a model that scales or caps its logits fails the check and keeps its own loss).
 
 With `onednn` (CPU, float32) both head products run through oneDNN: for 128 tokens against
@@ -69,15 +69,19 @@ def _parts(model):
     return body, head
 
 
+def _hidden_and_targets(body, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The body's last hidden states as (tokens, hidden) and each token's target, the next
+    token's label (IGNORE after the last)."""
+    hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
+    targets = F.pad(inputs["labels"][:, 1:], (0, 1), value=IGNORE)
+    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+
+
 def head_loss(model, inputs: dict, onednn: bool = False) -> torch.Tensor:
     """Sum of the token losses of a batch whose labels are the inputs (shifted inside)."""
     body, head = _parts(model)
-    labels = inputs["labels"]
-    hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)  # token t predicts token t + 1
-    return LinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, targets.reshape(-1), onednn
-    )
+    hidden, targets = _hidden_and_targets(body, inputs)
+    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, onednn)
 
 
 @torch.no_grad()
@@ -86,17 +90,14 @@ def head_token_losses(model, inputs: dict, onednn: bool = False) -> torch.Tensor
     like the labels: what the model's logits give, `ROWS` tokens at a time. For evaluation:
     1,024 tokens of SmolLM2 make 201 MB of logits, and as much again for their log-softmax."""
     body, head = _parts(model)
-    labels = inputs["labels"]
-    hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}).last_hidden_state
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    hidden, targets = _hidden_and_targets(body, inputs)
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, len(targets), ROWS):
         logits = linear(hidden[start : start + ROWS], head.weight, head.bias, onednn).float()
         losses[start : start + ROWS] = F.cross_entropy(
             logits, targets[start : start + ROWS], ignore_index=IGNORE, reduction="none"
         )
-    return losses.view(labels.shape)
+    return losses.view(inputs["labels"].shape)
 
 
 @torch.no_grad()
@@ -126,10 +127,3 @@ def head_loss_matches(
 def head_is_frozen(model) -> bool:
     parts = _parts(model)
     return parts is not None and not any(p.requires_grad for p in parts[1].parameters())
-
-
-def head_loss_is_exact(
-    model, device: str = "cpu", tolerance: float = 1e-4, onednn: bool = False
-) -> bool:
-    """Whether `head_loss` can train this model: a frozen head and the model's own loss."""
-    return head_is_frozen(model) and head_loss_matches(model, device, tolerance, onednn)
