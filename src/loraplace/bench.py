@@ -11,7 +11,8 @@
     returned to the OS, and the untrained model evaluated once per study (`--set onednn=true`
     adds oneDNN frozen products, `--set reuse_process=true` one worker process for all runs).
 Both are evaluated by the same code (packed rows, the head in token blocks). The runs
-alternate (a, b, a, b, ...) so both see the machine in the same state. Results: OUT/bench.json and OUT/bench.md. Not a test: no asserts.
+alternate (a, b, a, b, ...) so both see the machine in the same state. Results: OUT/bench.json
+and OUT/bench.md. Not a test: no asserts.
 """
 
 from __future__ import annotations
