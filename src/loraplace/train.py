@@ -411,9 +411,10 @@ def serve(commands, replies) -> None:
     """Run specs one after another in this process (the study's `reuse_process`).
 
     Each line of `commands` is {"spec": path, "env": environment, "cwd": folder}; each run
-    gets that environment and folder, torch's thread count as it was at start, a fresh seed (in `train_run`) and its
-    own peak-memory count, and its exit status goes back as one line {"code": status}. Python,
-    torch and transformers are imported once instead of once per run (5.6 s each here).
+    gets that environment and folder, torch's thread count as it was at start, a fresh seed
+    (in `train_run`) and its own peak-memory count, and its exit status goes back as one line
+    {"code": status}. Python, torch and transformers are imported once instead of once per run
+    (5.6 s each here).
     """
     threads = torch.get_num_threads()
     for line in commands:
