@@ -175,7 +175,9 @@ def test_fast_paths_equal_the_plain_pipeline(tiny_gpt2_dir, tmp_path, switches):
     assert fast["metrics"]["eval_loss"] == pytest.approx(plain["metrics"]["eval_loss"], rel=1e-4)
 
 
-def test_one_worker_process_gives_what_fresh_processes_give(capsys, tiny_gpt2_dir, tmp_path):
+def test_runs_forked_from_one_server_give_what_fresh_processes_give(
+    capsys, tiny_gpt2_dir, tmp_path
+):
     found = {}
     for reuse in ("false", "true"):
         out = tmp_path / reuse
@@ -191,19 +193,39 @@ def test_one_worker_process_gives_what_fresh_processes_give(capsys, tiny_gpt2_di
         assert reused["metrics"]["eval_loss"] == fresh["metrics"]["eval_loss"]
         assert reused["curves"]["train"] == fresh["curves"]["train"]
         assert reused["metrics"]["peak_memory_mb"] > 0
-    assert len({r["process"] for r in found["false"]}) == 3
-    assert len({r["process"] for r in found["true"]}) == 1
-    assert os.getpid() not in {r["process"] for r in found["true"]}
+    for runs in found.values():  # every run in a process of its own
+        assert len({r["process"] for r in runs}) == 3
+    assert {r["parent_process"] for r in found["false"]} == {os.getpid()}
+    servers = {r["parent_process"] for r in found["true"]}
+    assert len(servers) == 1 and os.getpid() not in servers
 
 
-def test_a_dead_worker_is_reported_and_replaced(capsys, tiny_gpt2_dir, tmp_path):
+def test_a_failed_run_leaves_the_server_serving(capsys, tiny_gpt2_dir, tmp_path):
     from loraplace import runner
 
     broken = tmp_path / "spec.json"
-    broken.write_text("{not json")  # the worker dies on it before it can write a result
+    broken.write_text("{not json")  # its run dies before it can write a result
     assert runner.run_spec(broken, dict(os.environ), reuse_process=True) != 0
-    assert runner._worker is None
-    code, stdout, _ = study(capsys, tiny_gpt2_dir, tmp_path / "out", "--strategy", "full")
+    server = runner._worker.proc.pid
+    code, stdout, _ = study(
+        capsys, tiny_gpt2_dir, tmp_path / "out", "--strategy", "full", "--set", "reuse_process=true"
+    )
+    assert code == 0 and "full seed 42: ok" in stdout
+    result = json.loads((tmp_path / "out/runs/full/seed-42/result.json").read_text())
+    assert result["parent_process"] == server
+
+
+def test_a_dead_server_is_replaced(capsys, tiny_gpt2_dir, tmp_path):
+    from loraplace import runner
+
+    broken = tmp_path / "spec.json"
+    broken.write_text("{not json")
+    runner.run_spec(broken, dict(os.environ), reuse_process=True)
+    runner._worker.proc.kill()
+    runner._worker.proc.wait()
+    code, stdout, _ = study(
+        capsys, tiny_gpt2_dir, tmp_path / "out", "--strategy", "full", "--set", "reuse_process=true"
+    )
     assert code == 0 and "full seed 42: ok" in stdout
 
 

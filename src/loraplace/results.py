@@ -50,6 +50,16 @@ def restart_peak_memory() -> bool:
         return False
 
 
+def private_memory_mb(pid: int) -> float:
+    """What only process `pid` holds (its private pages), in MB; 0.0 where that is unknown."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0.0
+    kb = sum(int(line.split()[1]) for line in lines if line.startswith("Private_"))
+    return kb / 2**10
+
+
 def write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and rename: readers see old or new, never half."""
     path = Path(path)

@@ -6,8 +6,8 @@ Everything a user can get wrong (strategies, model, data, splits, output folder)
 before anything is written. Finished runs with the same settings are skipped on a second call;
 unfinished or failed ones are run again. Each run is a self-contained spec -> result.json unit
 (see `train.py`), run in a fresh process so its peak memory is its own; with `reuse_process`
-the runs go one after another to one worker process that imports Python's ML stack once,
-restarts its peak-memory count for every run and is started again if it dies.
+(Linux) one server process imports Python's ML stack once and forks a child for every run,
+which restarts its peak-memory count; a server that dies is started again.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def _env(cfg: StudyConfig, out: Path, name: str) -> dict:
 
 
 class Worker:
-    """A `python -m loraplace.train --serve` process: spec paths in on stdin, statuses back."""
+    """A `python -m loraplace.train --serve` process: spec paths in on stdin, statuses back;
+    each run in a child it forks."""
 
     def __init__(self) -> None:
         read, write = os.pipe()
@@ -133,6 +134,7 @@ class Worker:
         )
         os.close(write)
         self.replies = os.fdopen(read)
+        self.jobs = 0
 
     def run(self, spec_path: Path, env: dict) -> int | None:
         """The run's exit status; None if the worker died (it is not used again)."""
@@ -140,13 +142,16 @@ class Worker:
             job = {"spec": str(spec_path), "env": env, "cwd": os.getcwd()}
             self.proc.stdin.write(json.dumps(job) + "\n")
             self.proc.stdin.flush()
+            self.jobs += 1
         except OSError:
             return None
         line = self.replies.readline()
         return json.loads(line)["code"] if line else None
 
     def close(self, timeout: float | None = None) -> int:
-        """End its input (it exits after the run in hand); kill it if `timeout` passes first."""
+        """End its input (it exits after the run in hand); kill it if `timeout` passes first,
+        or at once if it was never given a run."""
+        timeout = timeout if self.jobs else 0
         if self.proc.stdin and not self.proc.stdin.closed:
             try:
                 self.proc.stdin.close()
@@ -173,16 +178,25 @@ def _close_worker(timeout: float | None = 30) -> None:
 atexit.register(_close_worker)
 
 
-def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
-    """Run one spec outside this process; its exit status (a dead worker's own status)."""
+def _uses_worker(reuse_process: bool) -> bool:
+    return reuse_process and peak_memory_restartable()  # else every run gets its own peak
+
+
+def _start_worker() -> Worker:
     global _worker
-    if not reuse_process or not peak_memory_restartable():  # else every run gets its own peak
-        cmd = [sys.executable, "-m", "loraplace.train", str(spec_path)]
-        return subprocess.run(cmd, env=env).returncode
     if _worker is None or _worker.proc.poll() is not None:
         _close_worker()
         _worker = Worker()
-    code = _worker.run(spec_path, env)
+    return _worker
+
+
+def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
+    """Run one spec outside this process; its exit status (a dead worker's own status)."""
+    global _worker
+    if not _uses_worker(reuse_process):
+        cmd = [sys.executable, "-m", "loraplace.train", str(spec_path)]
+        return subprocess.run(cmd, env=env).returncode
+    code = _start_worker().run(spec_path, env)
     if code is None:
         worker, _worker = _worker, None
         return worker.close()
@@ -192,6 +206,8 @@ def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
 def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     """Run every missing (strategy, seed); return all results found under OUT."""
     out = Path(out)
+    if _uses_worker(cfg.reuse_process):  # its imports overlap the checks below
+        _start_worker()
     strategies = prepare(cfg)
     check_writable(out)
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -10,6 +10,7 @@ shared token-weighted evaluation, and records curves, time, throughput and peak 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -36,7 +37,7 @@ from loraplace.data import (
     tokenize,
 )
 from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
-from loraplace.results import environment, restart_peak_memory, write_json
+from loraplace.results import environment, private_memory_mb, restart_peak_memory, write_json
 
 
 def pick_device(choice: str) -> str:
@@ -69,27 +70,23 @@ def release_freed_memory() -> bool:
     return bool(mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD; fixing it ends the dynamic raise
 
 
-def trim_heap() -> None:
-    """Give the free pages inside glibc's heap back to the OS (no-op without glibc)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+SERVER: int | None = None  # the process that forked this run (`serve`), if one did
+
+
 def peak_memory_mb(device: str) -> float:
+    """This run's peak: on CPU its process's, plus what only the server that forked it holds
+    (the pages the two share are counted once, here)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # this process only: runs are isolated
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+    server = private_memory_mb(SERVER) if SERVER else 0.0
+    return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10) + server
 
 
 def _callback(evaluate, curves: dict, timing: dict):
@@ -377,6 +374,7 @@ def run_spec_file(spec_path: Path) -> int:
     result = {
         "status": "failed",
         "process": os.getpid(),
+        "parent_process": os.getppid(),  # the study, or the server that forked this run
         "strategy": spec["strategy"]["name"],
         "seed": spec["seed"],
         "config": spec["config"],
@@ -396,38 +394,60 @@ def run_spec_file(spec_path: Path) -> int:
     return 0 if result["status"] == "ok" else 1
 
 
-def _between_runs() -> None:
-    """What one run could leave to the next in a shared process: an open W&B run, freed heap."""
-    import gc
+def serve(commands, replies) -> None:
+    """Run specs one after another, each in a child forked from this process (the study's
+    `reuse_process`).
 
+    Each line of `commands` is {"spec": path, "env": environment, "cwd": folder}; its run
+    gets that environment and folder, a fresh seed (in `train_run`) and its own peak-memory
+    count, and its exit status goes back as one line {"code": status}. This process imports
+    Python's ML stack once (5.6 s per run here) and never computes anything, so every child
+    starts as a fresh process would after its imports: nothing a run allocates or leaves
+    behind reaches the next one, and OpenMP's threads are first started in the child. A run's
+    peak memory adds what only this process holds while the run is alive (`peak_memory_mb`).
+    """
+    global SERVER
+    _preload()
+    gc.freeze()  # what the imports made stays untouched by the children's collections
+    for line in commands:
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the run
+            code, SERVER = 1, os.getppid()
+            try:
+                os.environ.clear()
+                os.environ.update(job["env"])
+                os.chdir(job["cwd"])
+                restart_peak_memory()
+                code = run_spec_file(Path(job["spec"]))
+                _finish_loggers()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        replies.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n")
+        replies.flush()
+
+
+def _preload() -> None:
+    """Import what a run imports, without running any of it."""
+    import peft  # noqa: F401
+    from transformers import Trainer  # noqa: F401
+
+    import loraplace.adapters  # noqa: F401
+    import loraplace.bench  # noqa: F401
+    import loraplace.headloss  # noqa: F401
+    import loraplace.kernels  # noqa: F401
+    import loraplace.models  # noqa: F401
+    import loraplace.segments  # noqa: F401
+
+
+def _finish_loggers() -> None:
+    """A forked run ends without exit handlers: close an open W&B run by hand."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
-    gc.collect()
-    trim_heap()
-
-
-def serve(commands, replies) -> None:
-    """Run specs one after another in this process (the study's `reuse_process`).
-
-    Each line of `commands` is {"spec": path, "env": environment, "cwd": folder}; each run
-    gets that environment and folder, torch's thread count as it was at start, a fresh seed
-    (in `train_run`) and its own peak-memory count, and its exit status goes back as one line
-    {"code": status}. Python, torch and transformers are imported once instead of once per run
-    (5.6 s each here).
-    """
-    threads = torch.get_num_threads()
-    for line in commands:
-        job = json.loads(line)
-        os.environ.clear()
-        os.environ.update(job["env"])
-        os.chdir(job["cwd"])
-        torch.set_num_threads(threads)
-        restart_peak_memory()
-        code = run_spec_file(Path(job["spec"]))
-        _between_runs()
-        replies.write(json.dumps({"code": code}) + "\n")
-        replies.flush()
 
 
 def _quiet() -> None:
