@@ -7,9 +7,9 @@
     that reloads the model (every switch in PLAIN off); (b) loraplace: the defaults, no
     padding (examples packed in chunks of at most 1.5 x max_length tokens, attention per
     example), the 4 micro-batches as one optimizer step, fused LoRA layers and SwiGLU blocks,
-    the output head and its loss in token blocks (its products through oneDNN), freed buffers
-    returned to the OS, and the untrained model evaluated once per study (`--set onednn=true`
-    adds oneDNN frozen products, `--set reuse_process=true` one worker process for all runs).
+    the output head and its loss in token blocks, frozen products through oneDNN, freed buffers
+    returned to the OS, the untrained model evaluated once per study, and every run forked from
+    one server process that imported the ML stack once.
 Both are evaluated by the same code (packed rows, the head in token blocks). The runs
 alternate (a, b, a, b, ...) so both see the machine in the same state. Results: OUT/bench.json
 and OUT/bench.md. Not a test: no asserts.

@@ -58,10 +58,10 @@ class StudyConfig:
     fused_head_loss: bool = True  # output head + cross-entropy in token blocks (headloss.py)
     fused_mlp: bool = True  # SwiGLU blocks: silu(gate) * up as one function, less kept (kernels.py)
     release_memory: bool = True  # freed buffers of 1 MB or more go back to the OS (glibc)
-    onednn: bool = False  # frozen products through oneDNN on CPU: faster, more memory (README)
+    onednn: bool = True  # frozen products through oneDNN on CPU (README)
     onednn_head: bool = True  # the fused head loss's two products through oneDNN on CPU
     reuse_base_eval: bool = True  # evaluate the untrained model once per study, not per run
-    reuse_process: bool = False  # runs share one worker process: imports once, more memory
+    reuse_process: bool = True  # Linux: runs forked from one server that imported the stack once
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None
     eval_batch_size: int = 4
