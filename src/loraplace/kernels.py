@@ -14,10 +14,10 @@ Two independent switches:
   the layer's input (not the masked copy), and the adapter product is added into the frozen
   output in place.
 - `onednn`: every frozen linear product, forwards and backwards (input gradient only), runs
-  through oneDNN instead of the default BLAS. On the 2-core AMD EPYC development machine,
-  cycling through 30 layers' weights at 150 tokens, oneDNN reached about 145 GFLOP/s forward
-  and 171 for the input gradient, where MKL reached 140 and 136. CPU and float32 only;
-  elsewhere the layers are left as they are.
+  through oneDNN instead of the default BLAS. On the 2-core AMD EPYC development machine MKL
+  runs its AVX2 code and oneDNN its AVX-512 code: for SmolLM2's products at 352 tokens oneDNN
+  reached 162-197 GFLOP/s where MKL reached 146-172. CPU and float32 only; elsewhere the
+  layers are left as they are.
 
 - `fused_mlp`: a SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`, Llama, Mistral,
   Qwen2, SmolLM2) computes silu(gate) * up as one function that keeps gate and up for the
