@@ -443,3 +443,20 @@ def test_packed_evaluation_gives_every_example_its_padded_loss(kind, segments, h
     assert [n for _, n in packed] == [n for _, n in padded]
     for (got, _), (want, _) in zip(packed, padded, strict=True):
         assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_evaluation_leaves_a_training_model_training_even_when_it_fails():
+    model = tiny_model("gpt2")
+    model.train()
+
+    def broken(batch):
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError):
+        example_losses(model, _examples(), broken, batch_size=2)
+    assert model.training and all(m.training for m in model.modules())
+    example_losses(model, _examples(), Collator(EOS), batch_size=2)
+    assert model.training
+    model.eval()
+    example_losses(model, _examples(), Collator(EOS), batch_size=2)
+    assert not model.training

@@ -20,6 +20,7 @@ import torch
 
 from loraplace import embedded_data
 from loraplace.errors import UserError
+from loraplace.modes import evaluating
 
 FIELDS = ("instruction", "input", "output")
 IGNORE = -100
@@ -254,20 +255,17 @@ def packing_is_exact(
         Example(ids, ids)
         for ids in (torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (9, 14, 6))
     ]
-    was_training = model.training
-    model.eval()
     try:
-        alone = sum(
-            float(model(**{k: v.to(device) for k, v in Collator(0)([e]).items()}).loss)
-            * (len(e.input_ids) - 1)
-            for e in examples
-        )
-        packed = PackedCollator(segments=segments).pack(examples)
-        together = float(model(**{k: v.to(device) for k, v in packed.items()}).loss) * sum(
-            len(e.input_ids) - 1 for e in examples
-        )
+        with evaluating(model):
+            alone = sum(
+                float(model(**{k: v.to(device) for k, v in Collator(0)([e]).items()}).loss)
+                * (len(e.input_ids) - 1)
+                for e in examples
+            )
+            packed = PackedCollator(segments=segments).pack(examples)
+            together = float(model(**{k: v.to(device) for k, v in packed.items()}).loss) * sum(
+                len(e.input_ids) - 1 for e in examples
+            )
     except (RuntimeError, ValueError, TypeError):
         return False
-    finally:
-        model.train(was_training)
     return abs(alone - together) <= tolerance * max(1.0, abs(alone))

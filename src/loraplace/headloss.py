@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from loraplace.data import IGNORE
 from loraplace.kernels import linear
+from loraplace.modes import evaluating
 
 ROWS = 128  # tokens per block of logits: 24 MB at a 49k vocabulary
 
@@ -112,15 +113,12 @@ def head_loss_matches(
     labels = ids.clone()
     labels[0, :3] = IGNORE
     inputs = {"input_ids": ids.to(device), "labels": labels.to(device)}
-    was_training = model.training
-    model.eval()
     try:
-        own = float(model(**inputs).loss) * int((labels[0, 1:] != IGNORE).sum())
-        ours = float(head_loss(model, inputs, onednn))
+        with evaluating(model):
+            own = float(model(**inputs).loss) * int((labels[0, 1:] != IGNORE).sum())
+            ours = float(head_loss(model, inputs, onednn))
     except (RuntimeError, ValueError, TypeError, AttributeError):
         return False
-    finally:
-        model.train(was_training)
     return abs(own - ours) <= tolerance * max(1.0, abs(own))
 
 
