@@ -191,3 +191,15 @@ def test_fused_mlp_leaves_other_blocks_alone():
     assert accelerate(gelu, fused_lora=False, onednn=False, fused_mlp=True)["fused_mlp"] == 0
     gpt2 = AutoModelForCausalLM.from_config(GPT2)
     assert accelerate(gpt2, fused_lora=False, onednn=False, fused_mlp=True)["fused_mlp"] == 0
+
+
+def test_onednn_caches_are_capped_unless_the_user_chose(monkeypatch):
+    import os
+
+    from loraplace.kernels import limit_onednn_caches
+
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    limit_onednn_caches()
+    assert os.environ["LRU_CACHE_CAPACITY"] == "16"  # else ideep keeps a primitive per length
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"

@@ -37,6 +37,7 @@ from loraplace.data import (
     tokenize,
 )
 from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
+from loraplace.kernels import limit_onednn_caches
 from loraplace.results import environment, private_memory_mb, restart_peak_memory, write_json
 
 
@@ -417,6 +418,7 @@ def serve(commands, replies) -> None:
             try:
                 os.environ.clear()
                 os.environ.update(job["env"])
+                limit_onednn_caches()  # the study's environment may not have them
                 os.chdir(job["cwd"])
                 restart_peak_memory()
                 code = run_spec_file(Path(job["spec"]))
