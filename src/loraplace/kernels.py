@@ -2,7 +2,7 @@
 
     accelerate(peft_model, fused_lora=True, onednn=True)   # in place; returns what it took over
 
-Two independent switches:
+Three independent switches:
 
 - `fused_lora`: PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate
   operations: a Bernoulli draw for the dropout mask, a multiply, two small matrix products, a
