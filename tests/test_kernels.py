@@ -13,6 +13,7 @@ from loraplace.kernels import (
     accelerate,
     drop_threshold,
     keep_mask,
+    onednn_available,
     random_lanes,
 )
 
@@ -170,18 +171,48 @@ def test_layers_it_cannot_reproduce_keep_peft_forward():
     assert accelerate(model)["fused_lora"] == 0
 
 
-@pytest.mark.parametrize("targets", ["all", "attention"])  # gate/up adapted, or plain Linear
-def test_fused_mlp_gives_the_same_loss_and_gradients(targets):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("targets", ["all", "attention"])  # gate/up/down adapted, or plain Linear
+def test_fused_mlp_gives_the_same_loss_and_gradients(targets, dropout):
     modules = TARGETS["llama"] if targets == "all" else TARGETS["llama"][:4]
-    model, fused = _peft_pair("llama", modules, lora_dropout=0.0)
+    model, fused = _peft_pair("llama", modules, lora_dropout=dropout)
     assert accelerate(fused, fused_lora=True, onednn=False, fused_mlp=True)["fused_mlp"] == 2
     accelerate(model, fused_lora=True, onednn=False, fused_mlp=False)
-    losses = _train_step_losses(model, fused)
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for m in (model, fused):
+        torch.manual_seed(5)  # the same dropout lanes, drawn in the same order
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(float(loss))
     assert losses[0] == losses[1]  # the same floating-point operations
     fused_params = dict(fused.named_parameters())
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(fused_params[name].grad, p.grad), name
+
+
+def test_fused_mlp_keeps_no_copy_of_the_down_projection_input():
+    """With down adapted, the block keeps gate and up, not also silu(gate) * up."""
+    model, fused = _peft_pair("llama", lora_dropout=0.1)
+    accelerate(model, fused_lora=True, onednn=False, fused_mlp=False)
+    accelerate(fused, fused_lora=True, onednn=False, fused_mlp=True)
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(1))
+    kept = {}
+    for m in (model, fused):
+        storages, params = {}, {p.untyped_storage().data_ptr() for p in m.parameters()}
+
+        def keep(t, storages=storages, params=params):
+            wide = t.dim() >= 2 and t.shape[-1] == LLAMA.intermediate_size
+            if wide and t.is_floating_point() and t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            m(input_ids=ids, labels=ids).loss.backward()
+        kept[m is fused] = len(storages)
+    # a layer (of 2): gate and up; autograd's own: gate, silu(gate), up and the down input
+    assert kept == {False: 2 * 4, True: 2 * 2}
 
 
 def test_fused_mlp_leaves_other_blocks_alone():
@@ -203,3 +234,29 @@ def test_onednn_caches_are_capped_unless_the_user_chose(monkeypatch):
     limit_onednn_caches()
     assert os.environ["LRU_CACHE_CAPACITY"] == "16"  # else ideep keeps a primitive per length
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+
+
+@pytest.mark.skipif(not onednn_available(), reason="bfloat16 products run through oneDNN")
+def test_bf16_products_train_close_to_float32_and_evaluate_exactly():
+    """Training's frozen products in bfloat16: each step's loss within 1 % of float32's, and the
+    same adapters evaluate (no gradients) exactly as float32 does."""
+    reference, low = _peft_pair("llama", lora_dropout=0.1)
+    accelerate(reference)
+    assert accelerate(low, bf16_products=True)["bf16_products"] == 14 + 1  # + the head
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for name, m in (("float32", reference), ("bfloat16", low)):
+        torch.manual_seed(5)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(5):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.setdefault(name, []).append(float(loss))
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.01)
+    assert losses["bfloat16"] != losses["float32"]  # the products did run in bfloat16
+    low.load_state_dict(reference.state_dict())
+    low.eval(), reference.eval()
+    with torch.no_grad():
+        assert torch.equal(low(input_ids=ids).logits, reference(input_ids=ids).logits)

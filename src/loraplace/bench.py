@@ -41,6 +41,7 @@ PLAIN = {
     "onednn_head": False,
     "reuse_base_eval": False,
     "reuse_process": False,
+    "product_dtype": "float32",
 }
 
 

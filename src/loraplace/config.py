@@ -62,6 +62,10 @@ class StudyConfig:
     onednn_head: bool = True  # the fused head loss's two products through oneDNN on CPU
     reuse_base_eval: bool = True  # evaluate the untrained model once per study, not per run
     reuse_process: bool = True  # Linux: runs forked from one server that imported the stack once
+    # the one switch that changes rounding: training's frozen products in bfloat16 (float32
+    # accumulation; adapters, optimizer, evaluation stay float32). auto: on CPUs that multiply
+    # bfloat16 natively (AVX-512 BF16, AMX), float32 elsewhere (README, Performance)
+    product_dtype: str = "auto"  # auto | float32 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None
     eval_batch_size: int = 4
@@ -84,6 +88,7 @@ CHOICES = {
     "loss_on": ("all", "response"),
     "pad_to": ("longest", "max_length"),
     "device": ("auto", "cpu", "cuda", "mps"),
+    "product_dtype": ("auto", "float32", "bfloat16"),
     "compare": ("all", "reference"),
     "scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
 }

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplace.data import IGNORE
-from loraplace.kernels import linear
+from loraplace.kernels import linear, training_low
 from loraplace.modes import evaluating
 
 ROWS = 128  # tokens per block of logits: 24 MB at a 49k vocabulary
@@ -32,7 +32,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """sum over tokens with a target of cross_entropy(hidden @ weight.T + bias, target)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, onednn=False):
+    def forward(ctx, hidden, weight, bias, targets, onednn=False, low=None):
         grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], ROWS):
@@ -41,23 +41,24 @@ class LinearCrossEntropy(torch.autograd.Function):
             if not counted.any():
                 continue
             rows = counted.nonzero().squeeze(1)
-            logits = linear(hidden[start : start + ROWS][rows], weight, bias, onednn).float()
+            logits = linear(hidden[start : start + ROWS][rows], weight, bias, onednn, low).float()
             picked = target[rows]
             logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one fused pass
             total -= logp.gather(1, picked[:, None]).sum()
             if grad is not None:
                 probs = logp.exp_()  # softmax, in place of the logits
                 probs[torch.arange(len(rows), device=probs.device), picked] -= 1.0
-                grad[start + rows] = linear(probs.to(weight.dtype), weight.t(), None, onednn).to(
-                    grad.dtype
-                )
+                low_t = None if low is None else low.t()
+                grad[start + rows] = linear(
+                    probs.to(weight.dtype), weight.t(), None, onednn, low_t
+                ).to(grad.dtype)
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total, None, None, None, None
+        return grad * grad_total, None, None, None, None, None
 
 
 def _parts(model):
@@ -82,7 +83,8 @@ def head_loss(model, inputs: dict, onednn: bool = False) -> torch.Tensor:
     """Sum of the token losses of a batch whose labels are the inputs (shifted inside)."""
     body, head = _parts(model)
     hidden, targets = _hidden_and_targets(body, inputs)
-    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, onednn)
+    low = training_low(head)  # bfloat16 products while training, where `accelerate` gave them
+    return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, onednn, low)
 
 
 @torch.no_grad()

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -100,8 +102,16 @@ def keep_scale(p: float) -> float:
     return LANES / (LANES - drop_threshold(p))
 
 
-def linear(x2: torch.Tensor, weight: torch.Tensor, bias=None, onednn: bool = False):
-    """x2 @ weight.T + bias for a 2-D x2 and a weight of shape (out, in), any strides."""
+def linear(x2: torch.Tensor, weight: torch.Tensor, bias=None, onednn: bool = False, low=None):
+    """x2 @ weight.T + bias for a 2-D x2 and a weight of shape (out, in), any strides.
+
+    With `low` (the weight in bfloat16, same shape and strides) the product runs in bfloat16
+    through oneDNN, accumulated and returned in float32; the bias is added in float32."""
+    if low is not None:
+        y = torch.ops.mkldnn._linear_pointwise(
+            x2.contiguous().to(low.dtype), low, None, "none", [], ""
+        ).float()
+        return y if bias is None else y.add_(bias)
     if onednn and x2.device.type == "cpu" and x2.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), weight, bias, "none", [], "")
     return F.linear(x2, weight, bias)
@@ -111,17 +121,48 @@ class FrozenLinear(torch.autograd.Function):
     """y = x W^T + b with W and b frozen: the backward pass computes the input gradient only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, onednn):
+    def forward(ctx, x, weight, bias, onednn, low=None):
         ctx.save_for_backward(weight)
-        ctx.shape, ctx.onednn = x.shape, onednn
-        y = linear(x.reshape(-1, x.shape[-1]), weight, bias, onednn)
+        ctx.shape, ctx.onednn, ctx.low = x.shape, onednn, low
+        y = linear(x.reshape(-1, x.shape[-1]), weight, bias, onednn, low)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
-        grad_x = linear(grad_y.reshape(-1, grad_y.shape[-1]), weight.t(), None, ctx.onednn)
-        return grad_x.view(ctx.shape), None, None, None
+        low = None if ctx.low is None else ctx.low.t()
+        grad_x = linear(grad_y.reshape(-1, grad_y.shape[-1]), weight.t(), None, ctx.onednn, low)
+        return grad_x.view(ctx.shape), None, None, None, None
+
+
+def _adapted(x2, weight, bias, lora_a, lora_b, scaling, lanes, p, onednn, low):
+    """Forward of an adapted layer on a 2-D input: (output, the adapter's r-dim activation)."""
+    y = linear(x2, weight, bias, onednn, low)
+    xd = x2 if lanes is None else x2 * keep_mask(lanes, p).view_as(x2)
+    h = xd @ lora_a.t()
+    if lanes is not None:
+        h.mul_(keep_scale(p))
+    y.addmm_(h, lora_b.t(), alpha=scaling)
+    return y, h
+
+
+def _adapted_backward(g, x2, weight, lora_a, lora_b, h, lanes, scaling, p, onednn, low, input_grad):
+    """Gradients of an adapted layer for a 2-D output gradient g: (input, lora_a, lora_b)."""
+    g_h = (g @ lora_b).mul_(scaling)  # gradient at the adapter's r-dim bottleneck
+    grad_b = (g.t() @ h).mul_(scaling)
+    mask = None
+    if lanes is not None:
+        g_h.mul_(keep_scale(p))  # on through the 1 / (1 - p)
+        mask = keep_mask(lanes, p).view_as(x2)
+    grad_a = g_h.t() @ (x2 if mask is None else x2 * mask)
+    grad_x = None
+    if input_grad:
+        through_adapter = g_h @ lora_a
+        if mask is not None:
+            through_adapter.mul_(mask)
+        low = None if low is None else low.t()
+        grad_x = linear(g, weight.t(), None, onednn, low).add_(through_adapter)
+    return grad_x, grad_a, grad_b
 
 
 class LoraLinear(torch.autograd.Function):
@@ -135,39 +176,24 @@ class LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, lanes, p, onednn):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        y = linear(x2, weight, bias, onednn)
-        xd = x2 if lanes is None else x2 * keep_mask(lanes, p).view_as(x2)
-        h = xd @ lora_a.t()
-        if lanes is not None:
-            h.mul_(keep_scale(p))
-        y.addmm_(h, lora_b.t(), alpha=scaling)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, lanes, p, onednn, low=None):
+        y, h = _adapted(
+            x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, lanes, p, onednn, low
+        )
         ctx.save_for_backward(weight, lora_a, lora_b, x, h, lanes)
-        ctx.scaling, ctx.p, ctx.onednn = scaling, p, onednn
-        return y.view(*shape[:-1], y.shape[-1])
+        ctx.scaling, ctx.p, ctx.onednn, ctx.low = scaling, p, onednn, low
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         weight, lora_a, lora_b, x, h, lanes = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        g = grad_y.reshape(-1, grad_y.shape[-1])
-        g_h = (g @ lora_b).mul_(ctx.scaling)  # gradient at the adapter's r-dim bottleneck
-        grad_b = (g.t() @ h).mul_(ctx.scaling)
-        mask = None
-        if lanes is not None:
-            g_h.mul_(keep_scale(ctx.p))  # on through the 1 / (1 - p)
-            mask = keep_mask(lanes, ctx.p).view_as(x2)
-        grad_a = g_h.t() @ (x2 if mask is None else x2 * mask)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            through_adapter = g_h @ lora_a
-            if mask is not None:
-                through_adapter.mul_(mask)
-            grad_x = linear(g, weight.t(), None, ctx.onednn).add_(through_adapter)
-            grad_x = grad_x.view(x.shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+        grad_x, grad_a, grad_b = _adapted_backward(
+            grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
+            lora_a, lora_b, h, lanes, ctx.scaling, ctx.p, ctx.onednn, ctx.low,
+            ctx.needs_input_grad[0],
+        )  # fmt: skip
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
 
 
 class SiluMul(torch.autograd.Function):
@@ -185,8 +211,51 @@ class SiluMul(torch.autograd.Function):
         return grad_gate, F.silu(gate).mul_(grad)
 
 
+class SiluMulAdapted(torch.autograd.Function):
+    """An adapted down projection of silu(gate) * up, keeping gate, up and the lanes only.
+
+    SiluMul followed by LoraLinear keeps gate and up for the first and silu(gate) * up, the
+    down projection's input, for the second: one more tokens x intermediate tensor a layer.
+    Here that input is made again backwards from gate and up, from the silu(gate) the gate's
+    gradient needs anyway. The same floating-point operations as the two functions.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, lora_a, lora_b, scaling, lanes, p, onednn, low=None):
+        x = F.silu(gate).mul_(up)
+        y, h = _adapted(
+            x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, scaling, lanes, p, onednn, low
+        )
+        ctx.save_for_backward(gate, up, weight, lora_a, lora_b, h, lanes)
+        ctx.scaling, ctx.p, ctx.onednn, ctx.low = scaling, p, onednn, low
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        gate, up, weight, lora_a, lora_b, h, lanes = ctx.saved_tensors
+        input_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        silu = F.silu(gate)
+        x = silu * up
+        grad_x, grad_a, grad_b = _adapted_backward(
+            grad_y.reshape(-1, grad_y.shape[-1]), x.view(-1, x.shape[-1]), weight,
+            lora_a, lora_b, h, lanes, ctx.scaling, ctx.p, ctx.onednn, ctx.low, input_grad,
+        )  # fmt: skip
+        del x
+        grad_gate = grad_up = None
+        if grad_x is not None:
+            grad_x = grad_x.view(gate.shape)
+            grad_gate = torch.ops.aten.silu_backward(grad_x * up, gate)
+            grad_up = silu.mul_(grad_x)
+        return grad_gate, grad_up, None, None, grad_a, grad_b, None, None, None, None, None
+
+
 def _swiglu_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return mlp.down_proj(SiluMul.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+    fused = hasattr(mlp.down_proj, "_fused_onednn")  # a LoRA layer `accelerate` took over
+    args = _adapted_args(mlp.down_proj, gate) if fused else None
+    if args is None:
+        return mlp.down_proj(SiluMul.apply(gate, up))
+    return SiluMulAdapted.apply(gate, up, *args)
 
 
 @torch.no_grad()
@@ -212,24 +281,50 @@ def _weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
 
 
-def _lora_forward(layer, onednn: bool, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if args or kwargs or layer.disable_adapters or layer.merged:
-        return layer._peft_forward(x, *args, **kwargs)
+def _adapted_args(layer, x: torch.Tensor) -> tuple | None:
+    """What LoraLinear needs besides the input, dropout lanes drawn; None where PEFT's own
+    forward must run (adapter disabled or merged, input of another dtype)."""
+    if layer.disable_adapters or layer.merged:
+        return None
     name = layer.active_adapters[0]
     lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
     if x.dtype != lora_a.dtype:
-        return layer._peft_forward(x, *args, **kwargs)
+        return None
     base = layer.get_base_layer()
     dropout = layer.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     lanes = random_lanes(x.shape, x.device) if p > 0 else None
-    return LoraLinear.apply(
-        x, _weight(base), base.bias, lora_a, lora_b, layer.scaling[name], lanes, p, onednn
-    )
+    onednn, low = layer._fused_onednn, training_low(layer)
+    return _weight(base), base.bias, lora_a, lora_b, layer.scaling[name], lanes, p, onednn, low
+
+
+def _lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    fused = None if args or kwargs else _adapted_args(layer, x)
+    if fused is None:
+        return layer._peft_forward(x, *args, **kwargs)
+    return LoraLinear.apply(x, *fused)
 
 
 def _frozen_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    return FrozenLinear.apply(x, _weight(layer), layer.bias, True)
+    return FrozenLinear.apply(x, _weight(layer), layer.bias, True, training_low(layer))
+
+
+def training_low(layer) -> torch.Tensor | None:
+    """The layer's bfloat16 weight where it has one and gradients are being taken (training);
+    None in evaluation, which stays float32."""
+    low = getattr(layer, "_bf16_weight", None)
+    return low if low is not None and torch.is_grad_enabled() else None
+
+
+def bf16_products_supported() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX) for oneDNN to use."""
+    if not onednn_available():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def _is_lora_linear(layer) -> bool:
@@ -273,13 +368,28 @@ def onednn_available() -> bool:
 
 
 def accelerate(
-    model: nn.Module, fused_lora: bool = True, onednn: bool = True, fused_mlp: bool = False
+    model: nn.Module,
+    fused_lora: bool = True,
+    onednn: bool = True,
+    fused_mlp: bool = False,
+    bf16_products: bool = False,
 ) -> dict:
     """Give supported layers the fused LoRA function and/or oneDNN frozen products, and SwiGLU
     blocks the fused silu(gate) * up, in place. Returns how many of each it took over.
+
+    With `bf16_products` (and oneDNN) each float32 frozen weight those layers multiply by also
+    gets a bfloat16 copy, used for their products while gradients are taken (training);
+    evaluation keeps float32. The copies assume frozen weights: made once, never refreshed.
     """
     onednn = onednn and onednn_available()
-    taken = {"fused_lora": 0, "onednn_frozen": 0, "fused_mlp": 0}
+    taken = {"fused_lora": 0, "onednn_frozen": 0, "fused_mlp": 0, "bf16_products": 0}
+    fused_bases: set[int] = set()  # run only through PEFT's own forward: no copy for them
+
+    def give_low(module, weight):
+        if bf16_products and onednn and weight.dtype == torch.float32:
+            module._bf16_weight = weight.detach().to(torch.bfloat16).contiguous()
+            taken["bf16_products"] += 1
+
     for module in model.modules():
         if fused_mlp and not hasattr(module, "_mlp_forward") and _is_swiglu(module):
             module._mlp_forward = module.forward
@@ -288,11 +398,15 @@ def accelerate(
         if hasattr(module, "_peft_forward") or hasattr(module, "_plain_forward"):
             continue
         if fused_lora and _lora_supported(module):
-            module._peft_forward = module.forward
-            module.forward = partial(_lora_forward, module, onednn)
+            module._peft_forward, module._fused_onednn = module.forward, onednn
+            module.forward = partial(_lora_forward, module)
             taken["fused_lora"] += 1
+            fused_bases.add(id(module.get_base_layer()))
+            give_low(module, _weight(module.get_base_layer()))
         elif onednn and _frozen(module):  # also a LoRA layer's base, for PEFT's own forward
             module._plain_forward = module.forward
             module.forward = partial(_frozen_forward, module)
             taken["onednn_frozen"] += 1
+            if id(module) not in fused_bases:
+                give_low(module, _weight(module))
     return taken

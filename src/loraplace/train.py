@@ -202,7 +202,7 @@ def train_run(spec: dict) -> dict:
     from loraplace.adapters import attach
     from loraplace.bench import architecture
     from loraplace.headloss import head_is_frozen, head_loss_matches
-    from loraplace.kernels import accelerate, onednn_available
+    from loraplace.kernels import accelerate, bf16_products_supported, onednn_available
     from loraplace.models import load_model, resolve
     from loraplace.placement import place
     from loraplace.roles import classify
@@ -256,7 +256,11 @@ def train_run(spec: dict) -> dict:
     placement = place(classify(model), strategy, cfg.rank, cfg.bias)
     arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
     model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
-    taken = accelerate(model, cfg.fused_lora, cfg.onednn, cfg.fused_mlp)
+    bf16 = device == "cpu" and (
+        cfg.product_dtype == "bfloat16"
+        or (cfg.product_dtype == "auto" and bf16_products_supported())
+    )
+    taken = accelerate(model, cfg.fused_lora, cfg.onednn, cfg.fused_mlp, bf16)
     fused_head = packed and cfg.fused_head_loss and head_exact[False] and head_is_frozen(model)
     onednn_head = fused_head and cfg.onednn_head and use_onednn and head_exact[use_onednn]
     base_generations = []
@@ -362,6 +366,7 @@ def train_run(spec: dict) -> dict:
         "fused_head_loss": fused_head,
         "fused_mlp": taken["fused_mlp"] > 0,
         "onednn_head": onednn_head,
+        "product_dtype": "bfloat16" if taken["bf16_products"] else "float32",
         "packed_eval": eval_packed,
         "eval_head": eval_head,
         "release_memory": released,
