@@ -10,6 +10,7 @@ from conftest import ALPACA_HEAD
 
 from loraplace.cli import main
 from loraplace.config import StudyConfig
+from loraplace.kernels import bf16_products_supported
 from loraplace.strategies import BUILTINS, to_dict
 from loraplace.train import train_run
 
@@ -33,6 +34,8 @@ def test_a_few_steps_on_the_embedded_model(tmp_path):
     assert math.isclose(m["perplexity"], math.exp(m["eval_loss"]))
     assert len(result["per_example"]["loss"]) == 2 and result["generations"][0]["base"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    low = "bfloat16" if bf16_products_supported() else "float32"  # product_dtype auto
+    assert result["product_dtype"] == low
 
 
 def test_bench_runs_both_paths_side_by_side(tiny_gpt2_dir, tmp_path, capsys):
@@ -52,6 +55,8 @@ def test_bench_runs_both_paths_side_by_side(tiny_gpt2_dir, tmp_path, capsys):
     assert (out / "plain/runs/full/seed-42/result.json").is_file()
     plain = json.loads((out / "plain/runs/full/seed-42/result.json").read_text())
     assert plain["config"]["pad_to"] == "max_length" and plain["packed"] is False
+    assert plain["product_dtype"] == "float32"  # the plain path never rounds to bfloat16
+    assert {r["plain_product_dtype"] for r in report["rows"]} == {"float32"}
 
 
 def test_training_flops_counts_each_part_once():

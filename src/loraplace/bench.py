@@ -7,7 +7,9 @@
     that reloads the model (every switch in PLAIN off); (b) loraplace: the defaults, no
     padding (examples packed in chunks of at most 1.5 x max_length tokens, attention per
     example), the 4 micro-batches as one optimizer step, fused LoRA layers and SwiGLU blocks,
-    the output head and its loss in token blocks, frozen products through oneDNN, freed buffers
+    the output head and its loss in token blocks, frozen products through oneDNN (in bfloat16
+    with float32 accumulation where the CPU multiplies it natively: `product_dtype`, the one
+    switch that changes rounding; evaluation stays float32), freed buffers
     returned to the OS, the untrained model evaluated once per study, and every run forked from
     one server process that imported the ML stack once.
 Both are evaluated by the same code (packed rows, the head in token blocks). The runs
@@ -93,6 +95,7 @@ def _row(name: str, plain: dict, fast: dict, peak: float, flops: tuple[float, fl
         row[f"{tag}_mfu_pct"] = 100 * row[f"{tag}_gflops"] / peak if m else None
         row[f"{tag}_peak_memory_mb"] = m.get("peak_memory_mb")
         row[f"{tag}_eval_loss"] = m.get("eval_loss")
+        row[f"{tag}_product_dtype"] = r.get("product_dtype")
     row["speedup"] = plain["wall_s"] / fast["wall_s"]
     if plain.get("metrics") and fast.get("metrics"):
         a, b = plain["metrics"]["eval_loss"], fast["metrics"]["eval_loss"]
@@ -116,8 +119,15 @@ def render(report: dict) -> str:
         f"Machine: {report['machine']}; float32 matmul peak measured at {report['peak_gflops']:.0f} GFLOP/s "
         f"(best of {', '.join(f'{k} {v:.0f}' for k, v in report.get('peak_gflops_by_library', {}).items())}). "
         f"Study: {report['study']}. MFU counts only the arithmetic training needs (real tokens, "
-        "no padding) over training time."
+        "no padding) over training time, against the float32 peak."
     )
+    low = sorted({r.get("loraplace_product_dtype") for r in report["rows"]} - {None, "float32"})
+    if low:
+        head += (
+            f" loraplace's frozen training products ran in {', '.join(low)} with float32 "
+            "accumulation (`product_dtype`), the plain path's in float32; evaluation is float32 "
+            "on both."
+        )
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
