@@ -34,6 +34,7 @@ def test_study_writes_aggregate_comparisons_and_report(tiny_study):
         "## Answer",
         "Lowest mean eval loss",
         "## Setup",
+        "frozen products in training",
         "## Results",
         "## Paired comparisons",
         "Holm",

@@ -48,7 +48,8 @@ class StudyConfig:
     optimizer: str = "adamw_torch"
     max_length: int = 256
     loss_on: str = "all"  # all | response
-    # how it runs (none of these change what is computed, only how fast)
+    # how it runs (none of these change what is computed, only how fast; product_dtype below
+    # changes rounding)
     pad_to: str = "longest"  # longest | max_length (the seed's fixed padding)
     fuse_accumulation: bool = True  # run the grad_accum micro-batches as one batch
     packing: bool = True  # that batch without padding (checked exact on the model first)

@@ -2,7 +2,7 @@
 
     accelerate(peft_model, fused_lora=True, onednn=True)   # in place; returns what it took over
 
-Three independent switches:
+Four independent switches:
 
 - `fused_lora`: PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate
   operations: a Bernoulli draw for the dropout mask, a multiply, two small matrix products, a
@@ -18,12 +18,18 @@ Three independent switches:
   runs its AVX2 code and oneDNN its AVX-512 code: for SmolLM2's products at 352 tokens oneDNN
   reached 162-197 GFLOP/s where MKL reached 146-172. CPU and float32 only; elsewhere the
   layers are left as they are.
-
 - `fused_mlp`: a SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`, Llama, Mistral,
   Qwen2, SmolLM2) computes silu(gate) * up as one function that keeps gate and up for the
   backward pass and remakes silu(gate) there: autograd's own keeps silu(gate) as well, one
   more tokens x intermediate tensor a layer (71 MB for a 384-token chunk of SmolLM2). Same
-  floating-point operations, so the same results; checked on each block before use.
+  floating-point operations, so the same results; checked on each block before use. With
+  down_proj a fused LoRA layer, the same function runs it too and remakes its input,
+  silu(gate) * up, backwards instead of keeping it.
+- `bf16_products`: each frozen weight those layers and the output head multiply by gets a
+  bfloat16 copy, and while gradients are taken (training) their products take bfloat16
+  inputs, accumulate and return float32, through oneDNN. On the development machine's EPYC
+  (AVX-512 BF16) SmolLM2's products ran at 270-344 GFLOP/s that way against 156-186 in float32.
+  The one switch that changes rounding; evaluation (no gradients) stays float32.
 
 Parameters stay PEFT's own, so saving, `disable_adapter` and merging work unchanged. Layers the
 fused function cannot reproduce exactly (DoRA, several active adapters, trainable base bias,

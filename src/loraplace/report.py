@@ -94,6 +94,13 @@ def tables(
     return summary, agg, comparisons
 
 
+def _products(dtype: str | None) -> str:
+    """How training's frozen products were rounded (results before the switch: float32)."""
+    if dtype == "bfloat16":
+        return "bfloat16, float32 accumulation (adapters, optimizer, evaluation in float32)"
+    return "float32"
+
+
 def _setup(first: dict) -> list[tuple[str, str]]:
     cfg = first.get("config", {})
     data = first.get("data", {})
@@ -107,6 +114,7 @@ def _setup(first: dict) -> list[tuple[str, str]]:
             "device",
             f"{first.get('device')} on {first.get('machine', {}).get('platform')} ({first.get('machine', {}).get('cpus')} CPUs)",
         ),
+        ("frozen products in training", _products(first.get("product_dtype"))),
         ("git", str(first.get("git_hash"))),
         ("packages", ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items() if v)),
     ]
