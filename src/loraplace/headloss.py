@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplace.data import IGNORE
-from loraplace.kernels import linear, training_low
+from loraplace.kernels import linear, linear_input_grad, training_low
 from loraplace.modes import evaluating
 
 ROWS = 128  # tokens per block of logits: 24 MB at a 49k vocabulary
@@ -48,9 +48,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs = logp.exp_()  # softmax, in place of the logits
                 probs[torch.arange(len(rows), device=probs.device), picked] -= 1.0
-                low_t = None if low is None else low.t()
-                grad[start + rows] = linear(
-                    probs.to(weight.dtype), weight.t(), None, onednn, low_t
+                grad[start + rows] = linear_input_grad(
+                    probs.to(weight.dtype), weight, onednn, low
                 ).to(grad.dtype)
         ctx.save_for_backward(grad)
         return total

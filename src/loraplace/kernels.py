@@ -123,6 +123,11 @@ def linear(x2: torch.Tensor, weight: torch.Tensor, bias=None, onednn: bool = Fal
     return F.linear(x2, weight, bias)
 
 
+def linear_input_grad(g: torch.Tensor, weight: torch.Tensor, onednn: bool = False, low=None):
+    """g @ weight: the input gradient of `linear(x2, weight, ..., low)` for its output gradient g."""
+    return linear(g, weight.t(), None, onednn, None if low is None else low.t())
+
+
 class FrozenLinear(torch.autograd.Function):
     """y = x W^T + b with W and b frozen: the backward pass computes the input gradient only."""
 
@@ -136,8 +141,9 @@ class FrozenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
-        low = None if ctx.low is None else ctx.low.t()
-        grad_x = linear(grad_y.reshape(-1, grad_y.shape[-1]), weight.t(), None, ctx.onednn, low)
+        grad_x = linear_input_grad(
+            grad_y.reshape(-1, grad_y.shape[-1]), weight, ctx.onednn, ctx.low
+        )
         return grad_x.view(ctx.shape), None, None, None, None
 
 
@@ -166,8 +172,7 @@ def _adapted_backward(g, x2, weight, lora_a, lora_b, h, lanes, scaling, p, onedn
         through_adapter = g_h @ lora_a
         if mask is not None:
             through_adapter.mul_(mask)
-        low = None if low is None else low.t()
-        grad_x = linear(g, weight.t(), None, onednn, low).add_(through_adapter)
+        grad_x = linear_input_grad(g, weight, onednn, low).add_(through_adapter)
     return grad_x, grad_a, grad_b
 
 
@@ -393,7 +398,9 @@ def accelerate(
 
     def give_low(module, weight):
         if bf16_products and onednn and weight.dtype == torch.float32:
-            module._bf16_weight = weight.detach().to(torch.bfloat16).contiguous()
+            module._bf16_weight = weight.detach().to(
+                torch.bfloat16, memory_format=torch.contiguous_format
+            )
             taken["bf16_products"] += 1
 
     for module in model.modules():
