@@ -10,7 +10,7 @@ from conftest import ALPACA_HEAD
 
 from loraplace.cli import main
 from loraplace.config import StudyConfig
-from loraplace.kernels import bf16_products_supported
+from loraplace.hardware import Machine
 from loraplace.strategies import BUILTINS, to_dict
 from loraplace.train import train_run
 
@@ -34,7 +34,8 @@ def test_a_few_steps_on_the_embedded_model(tmp_path):
     assert math.isclose(m["perplexity"], math.exp(m["eval_loss"]))
     assert len(result["per_example"]["loss"]) == 2 and result["generations"][0]["base"]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    low = "bfloat16" if bf16_products_supported() else "float32"  # product_dtype auto
+    here = Machine.here()
+    low = "bfloat16" if here.native_bf16 and here.bf16_products else "float32"  # auto
     assert result["product_dtype"] == low
 
 

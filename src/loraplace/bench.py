@@ -137,7 +137,7 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
     from loraplace.runner import prepare, run_study
 
     out = Path(out)
-    strategies = prepare(cfg)
+    strategies = prepare(cfg).strategies
     peaks = matmul_peak_gflops()
     peak = max(peaks.values())
     log(

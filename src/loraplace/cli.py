@@ -55,13 +55,17 @@ def cmd_study(args) -> int:
     from loraplace.runner import run_study
 
     cfg = _study_config(args)
-    run_study(cfg, args.out, log=lambda line: print(line, flush=True))
+    results = run_study(cfg, args.out, log=lambda line: print(line, flush=True))
     paths = build(args.out)
     print()
     print(_summary_text(paths["summary.csv"]))
     print(
         f"\nreport: {paths['report.html']} (and report.md, summary.csv, aggregate.csv, comparisons.csv, *.png in {args.out})"
     )
+    failed = sum(r.get("status") != "ok" for r in results)
+    if failed:  # scripts and CI must be able to tell
+        print(f"loraplace: {failed} of {len(results)} runs failed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -59,8 +59,10 @@ class StudyConfig:
     fused_head_loss: bool = True  # output head + cross-entropy in token blocks (headloss.py)
     fused_mlp: bool = True  # SwiGLU blocks: silu(gate) * up as one function, less kept (kernels.py)
     release_memory: bool = True  # freed buffers of 1 MB or more go back to the OS (glibc)
-    onednn: bool = True  # frozen products through oneDNN on CPU (README)
-    onednn_head: bool = True  # the fused head loss's two products through oneDNN on CPU
+    # oneDNN for frozen float32 products on CPU; auto (null): per product shape, whichever
+    # library was measured faster on this machine (hardware.py); true: all of them
+    onednn: bool | None = None
+    onednn_head: bool | None = None  # the output head's products; auto follows `onednn`
     reuse_base_eval: bool = True  # evaluate the untrained model once per study, not per run
     reuse_process: bool = True  # Linux: runs forked from one server that imported the stack once
     # the one switch that changes rounding: training's frozen products in bfloat16 (float32
@@ -95,6 +97,7 @@ CHOICES = {
 }
 POSITIVE = ("rank", "epochs", "batch_size", "grad_accum", "lr", "max_length", "eval_batch_size")
 POSITIVE_OR_NONE = ("pack_tokens", "threads")
+AUTO_OR_BOOL = ("onednn", "onednn_head")  # "auto" is stored as None
 FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
 
 
@@ -103,7 +106,7 @@ def _coerce(key: str, value):
     hint = typing.get_type_hints(StudyConfig)[key]
     args = typing.get_args(hint)
     optional = isinstance(hint, types.UnionType) and type(None) in args
-    if value is None and optional:
+    if value is None and optional or (key in AUTO_OR_BOOL and value == "auto"):
         return None
     base = next((a for a in args if a is not type(None)), hint) if optional else hint
     origin = typing.get_origin(base)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplace.data import IGNORE
-from loraplace.kernels import linear, linear_input_grad, training_low
+from loraplace.kernels import directions, linear, linear_input_grad, training_low
 from loraplace.modes import evaluating
 
 ROWS = 128  # tokens per block of logits: 24 MB at a 49k vocabulary
@@ -34,6 +34,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, onednn=False, low=None):
         grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        forward_onednn, input_grad_onednn = directions(onednn)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], ROWS):
             target = targets[start : start + ROWS]
@@ -41,7 +42,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             if not counted.any():
                 continue
             rows = counted.nonzero().squeeze(1)
-            logits = linear(hidden[start : start + ROWS][rows], weight, bias, onednn, low).float()
+            logits = linear(hidden[start : start + ROWS][rows], weight, bias, forward_onednn, low)
+            logits = logits.float()
             picked = target[rows]
             logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one fused pass
             total -= logp.gather(1, picked[:, None]).sum()
@@ -49,7 +51,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs = logp.exp_()  # softmax, in place of the logits
                 probs[torch.arange(len(rows), device=probs.device), picked] -= 1.0
                 grad[start + rows] = linear_input_grad(
-                    probs.to(weight.dtype), weight, onednn, low
+                    probs.to(weight.dtype), weight, input_grad_onednn, low
                 ).to(grad.dtype)
         ctx.save_for_backward(grad)
         return total
@@ -95,7 +97,8 @@ def head_token_losses(model, inputs: dict, onednn: bool = False) -> torch.Tensor
     hidden, targets = _hidden_and_targets(body, inputs)
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, len(targets), ROWS):
-        logits = linear(hidden[start : start + ROWS], head.weight, head.bias, onednn).float()
+        logits = linear(hidden[start : start + ROWS], head.weight, head.bias, directions(onednn)[0])
+        logits = logits.float()
         losses[start : start + ROWS] = F.cross_entropy(
             logits, targets[start : start + ROWS], ignore_index=IGNORE, reduction="none"
         )

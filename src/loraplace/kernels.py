@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,6 +121,11 @@ def linear(x2: torch.Tensor, weight: torch.Tensor, bias=None, onednn: bool = Fal
     return F.linear(x2, weight, bias)
 
 
+def directions(onednn) -> tuple[bool, bool]:
+    """(forward, input gradient) through oneDNN, from one flag or a measured pair of them."""
+    return (onednn, onednn) if isinstance(onednn, bool) else (bool(onednn[0]), bool(onednn[1]))
+
+
 def linear_input_grad(g: torch.Tensor, weight: torch.Tensor, onednn: bool = False, low=None):
     """g @ weight: the input gradient of `linear(x2, weight, ..., low)` for its output gradient g."""
     return linear(g, weight.t(), None, onednn, None if low is None else low.t())
@@ -135,21 +138,21 @@ class FrozenLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, onednn, low=None):
         ctx.save_for_backward(weight)
         ctx.shape, ctx.onednn, ctx.low = x.shape, onednn, low
-        y = linear(x.reshape(-1, x.shape[-1]), weight, bias, onednn, low)
+        y = linear(x.reshape(-1, x.shape[-1]), weight, bias, directions(onednn)[0], low)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         (weight,) = ctx.saved_tensors
         grad_x = linear_input_grad(
-            grad_y.reshape(-1, grad_y.shape[-1]), weight, ctx.onednn, ctx.low
+            grad_y.reshape(-1, grad_y.shape[-1]), weight, directions(ctx.onednn)[1], ctx.low
         )
         return grad_x.view(ctx.shape), None, None, None, None
 
 
 def _adapted(x2, weight, bias, lora_a, lora_b, scaling, lanes, p, onednn, low):
     """Forward of an adapted layer on a 2-D input: (output, the adapter's r-dim activation)."""
-    y = linear(x2, weight, bias, onednn, low)
+    y = linear(x2, weight, bias, directions(onednn)[0], low)
     xd = x2 if lanes is None else x2 * keep_mask(lanes, p).view_as(x2)
     h = xd @ lora_a.t()
     if lanes is not None:
@@ -172,7 +175,7 @@ def _adapted_backward(g, x2, weight, lora_a, lora_b, h, lanes, scaling, p, onedn
         through_adapter = g_h @ lora_a
         if mask is not None:
             through_adapter.mul_(mask)
-        grad_x = linear_input_grad(g, weight, onednn, low).add_(through_adapter)
+        grad_x = linear_input_grad(g, weight, directions(onednn)[1], low).add_(through_adapter)
     return grad_x, grad_a, grad_b
 
 
@@ -317,7 +320,7 @@ def _lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _frozen_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    return FrozenLinear.apply(x, _weight(layer), layer.bias, True, training_low(layer))
+    return FrozenLinear.apply(x, _weight(layer), layer.bias, layer._onednn, training_low(layer))
 
 
 def training_low(layer) -> torch.Tensor | None:
@@ -325,17 +328,6 @@ def training_low(layer) -> torch.Tensor | None:
     None in evaluation, which stays float32."""
     low = getattr(layer, "_bf16_weight", None)
     return low if low is not None and torch.is_grad_enabled() else None
-
-
-def bf16_products_supported() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX) for oneDNN to use."""
-    if not onednn_available():
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
 
 
 def _is_lora_linear(layer) -> bool:
@@ -384,9 +376,14 @@ def accelerate(
     onednn: bool = True,
     fused_mlp: bool = False,
     bf16_products: bool = False,
+    table: dict | None = None,
 ) -> dict:
     """Give supported layers the fused LoRA function and/or oneDNN frozen products, and SwiGLU
     blocks the fused silu(gate) * up, in place. Returns how many of each it took over.
+
+    With `onednn`, `table` ({"OUTxIN": [forward, input gradient]}, `hardware.product_table`)
+    says per weight shape which of a layer's two float32 products go through oneDNN; without
+    it, both do.
 
     With `bf16_products` (and oneDNN) each float32 frozen weight those layers multiply by also
     gets a bfloat16 copy, used for their products while gradients are taken (training);
@@ -395,6 +392,11 @@ def accelerate(
     onednn = onednn and onednn_available()
     taken = {"fused_lora": 0, "onednn_frozen": 0, "fused_mlp": 0, "bf16_products": 0}
     fused_bases: set[int] = set()  # run only through PEFT's own forward: no copy for them
+
+    def libraries(weight) -> tuple[bool, bool]:
+        if table is None:
+            return (onednn, onednn)
+        return directions(table.get("x".join(map(str, weight.shape)), [True, True]))
 
     def give_low(module, weight):
         if bf16_products and onednn and weight.dtype == torch.float32:
@@ -411,13 +413,14 @@ def accelerate(
         if hasattr(module, "_peft_forward") or hasattr(module, "_plain_forward"):
             continue
         if fused_lora and _lora_supported(module):
-            module._peft_forward, module._fused_onednn = module.forward, onednn
+            module._peft_forward = module.forward
+            module._fused_onednn = libraries(_weight(module.get_base_layer()))
             module.forward = partial(_lora_forward, module)
             taken["fused_lora"] += 1
             fused_bases.add(id(module.get_base_layer()))
             give_low(module, _weight(module.get_base_layer()))
         elif onednn and _frozen(module):  # also a LoRA layer's base, for PEFT's own forward
-            module._plain_forward = module.forward
+            module._plain_forward, module._onednn = module.forward, libraries(_weight(module))
             module.forward = partial(_frozen_forward, module)
             taken["onednn_frozen"] += 1
             if id(module) not in fused_bases:

@@ -94,14 +94,23 @@ def tables(
     return summary, agg, comparisons
 
 
-def _products(dtype: str | None) -> str:
-    """How training's frozen products were rounded (results before the switch: float32)."""
-    if dtype == "bfloat16":
-        return "bfloat16, float32 accumulation (adapters, optimizer, evaluation in float32)"
-    return "float32"
+def _products(runs: list[dict]) -> str:
+    """How training's frozen products were rounded, run by run where they differ (results
+    from before the switch: float32)."""
+    found: dict[str, list[str]] = {}
+    for r in runs:
+        found.setdefault(r.get("product_dtype") or "float32", []).append(
+            f"{r['strategy']} seed {r['seed']}"
+        )
+    words = {
+        "bfloat16": "bfloat16, float32 accumulation (adapters, optimizer, evaluation in float32)"
+    }
+    if len(found) == 1:
+        return words.get(next(iter(found)), next(iter(found)))
+    return "; ".join(f"{words.get(k, k)}: {', '.join(v)}" for k, v in found.items())
 
 
-def _setup(first: dict) -> list[tuple[str, str]]:
+def _setup(first: dict, runs: list[dict]) -> list[tuple[str, str]]:
     cfg = first.get("config", {})
     data = first.get("data", {})
     rows = [
@@ -114,7 +123,7 @@ def _setup(first: dict) -> list[tuple[str, str]]:
             "device",
             f"{first.get('device')} on {first.get('machine', {}).get('platform')} ({first.get('machine', {}).get('cpus')} CPUs)",
         ),
-        ("frozen products in training", _products(first.get("product_dtype"))),
+        ("frozen products in training", _products(runs or [first])),
         ("git", str(first.get("git_hash"))),
         ("packages", ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items() if v)),
     ]
@@ -182,6 +191,9 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
     old = [f"{r['strategy']} seed {r['seed']}" for r in ok if "per_example" not in r]
     if failed:
         notes.append("Failed runs (left out of every table below): " + "; ".join(failed))
+    fallbacks = sorted({f"{n['switch']} ({n['why']})" for r in ok for n in r.get("fallbacks", [])})
+    if fallbacks:
+        notes.append("Fast paths that fell back to the plain path here: " + "; ".join(fallbacks))
     if missing:
         notes.append("Missing runs (no result file yet): " + ", ".join(missing))
     if old:
@@ -209,7 +221,7 @@ def report_blocks(first, summary, agg, comparisons, notes, ok, paths) -> list[tu
         ("h2", "Answer"),
         ("p", headline(agg, comparisons)),
     ]
-    blocks += [("h2", "Setup"), ("table", pd.DataFrame(_setup(first), columns=["", "value"]))]
+    blocks += [("h2", "Setup"), ("table", pd.DataFrame(_setup(first, ok), columns=["", "value"]))]
     if notes:
         blocks += [("h2", "What is missing")] + [("p", n) for n in notes]
     cols = [

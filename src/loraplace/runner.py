@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -52,16 +53,31 @@ def resolve_strategies(cfg: StudyConfig) -> list[Strategy]:
     return resolve(cfg.strategies, cfg.layer_study)
 
 
-def prepare(cfg: StudyConfig) -> list[Strategy]:
-    """Check model, strategies and data without loading weights; return the runnable strategies."""
+@dataclass
+class Prepared:
+    """A checked study: its strategies, and the paths and product libraries of its runs."""
+
+    strategies: list[Strategy]
+    paths: dict
+    products: dict
+
+
+def prepare(cfg: StudyConfig) -> Prepared:
+    """Check hardware, model, strategies and data without loading weights (one sentence for
+    anything wrong); resolve what `auto` takes on this machine."""
     from loraplace.budget import equalize
     from loraplace.data import load_rows
+    from loraplace.hardware import Machine, resolve_paths
     from loraplace.models import meta_model, resolve
     from loraplace.placement import place
     from loraplace.roles import classify
 
+    paths = resolve_paths(
+        cfg.device, cfg.onednn, cfg.onednn_head, cfg.product_dtype, Machine.here()
+    )
     strategies = resolve_strategies(cfg)
-    modules = classify(meta_model(resolve(cfg.model, cfg.trust_remote_code)))
+    meta = meta_model(resolve(cfg.model, cfg.trust_remote_code))
+    modules = classify(meta)
     if cfg.equal_budget:
         if cfg.equal_budget not in [s.name for s in strategies]:
             raise UserError(
@@ -72,7 +88,21 @@ def prepare(cfg: StudyConfig) -> list[Strategy]:
         place(modules, s, cfg.rank, cfg.bias)
     for split in (cfg.train_split, cfg.eval_split):
         load_rows(cfg.data, split)
-    return strategies
+    return Prepared(strategies, paths.to_dict(), _products(cfg, paths, modules, meta))
+
+
+def _products(cfg: StudyConfig, paths, modules, meta) -> dict:
+    """Measure (or read from the cache) which library runs each product shape faster here."""
+    from torch import nn
+
+    from loraplace.hardware import products_for
+    from loraplace.headloss import ROWS
+    from loraplace.train import pack_rows
+
+    shapes = [(m.out_features, m.in_features) for m in modules if m.layer is not None]
+    head = meta.get_output_embeddings()
+    head_shape = tuple(head.weight.shape) if isinstance(head, nn.Linear) else None
+    return products_for(paths, shapes, head_shape, pack_rows(cfg), ROWS, cfg.threads)
 
 
 def check_writable(out: Path) -> None:
@@ -93,12 +123,19 @@ def run_settings(config: dict) -> dict:
     return {k: v for k, v in full.items() if k not in NOT_RUN_KEYS}
 
 
+# Resolved paths that change what a run computes beyond float32 summation order: a finished
+# run is reused only where this machine would take the same ones.
+NUMERIC_PATHS = ("device", "product_dtype")
+
+
 def is_done(result: dict | None, spec: dict) -> bool:
+    paths = (result or {}).get("paths") or {}
     return (
         result is not None
         and result.get("status") == "ok"
         and run_settings(result.get("config", {})) == run_settings(spec["config"])
         and result.get("strategy_spec") == spec["strategy"]
+        and all(paths.get(k) == spec["paths"][k] for k in NUMERIC_PATHS)
     )
 
 
@@ -208,7 +245,8 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     out = Path(out)
     if _uses_worker(cfg.reuse_process):  # its imports overlap the checks below
         _start_worker()
-    strategies = prepare(cfg)
+    prepared = prepare(cfg)
+    strategies = prepared.strategies
     check_writable(out)
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     existing = {(r["strategy"], r["seed"]): r for r in load_results(out)}
@@ -221,6 +259,8 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
             "seed": seed,
             "run_dir": str(run_dir(out, s.name, seed)),
             "base_eval": str(out / "base_eval.json"),
+            "paths": prepared.paths,
+            "products": prepared.products,
         }
         if is_done(existing.get((s.name, seed)), spec):
             continue
@@ -228,6 +268,7 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     log(
         f"study: {len(jobs)} runs ({len(strategies)} strategies x {len(cfg.seeds)} seeds), {len(jobs) - len(todo)} already done"
     )
+    log(describe_paths(prepared.paths, prepared.products))
     started, durations = time.perf_counter(), []
     for i, spec in enumerate(todo, 1):
         name, seed = spec["strategy"]["name"], spec["seed"]
@@ -263,4 +304,33 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         result = json.loads((folder / "result.json").read_text())
         status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
         log(f"  {name} seed {seed}: {status} ({_fmt(durations[-1])})")
-    return load_results(out)
+    wanted = {(s.name, seed) for s, seed in jobs}
+    return [r for r in load_results(out) if (r["strategy"], r["seed"]) in wanted]
+
+
+def describe_paths(paths: dict, products: dict) -> str:
+    """One line: the paths `auto` resolved to here, and why."""
+    from loraplace.hardware import Machine
+
+    machine = Machine.here()
+    if paths["device"] != "cpu":
+        return f"paths: device {paths['device']}, float32"
+    why = (
+        "this CPU multiplies bfloat16 natively"
+        if paths["product_dtype"] == "bfloat16"
+        else "no native bfloat16 here"
+        if not (machine.native_bf16 and machine.bf16_products)
+        else "as set"
+    )
+    table = products.get("decoder")
+    if not paths["onednn"]:
+        library = "the default BLAS"
+    elif table is None:
+        library = "oneDNN"
+    else:
+        n = sum(sum(pair) for pair in table.values())
+        library = f"oneDNN for {n} of {2 * len(table)} (shape, direction) pairs, measured faster"
+    return (
+        f"paths on {machine.describe()}: frozen training products {paths['product_dtype']} "
+        f"({why}); float32 products through {library}"
+    )

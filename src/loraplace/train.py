@@ -20,6 +20,7 @@ import resource
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +40,6 @@ from loraplace.data import (
 from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
 from loraplace.kernels import limit_onednn_caches
 from loraplace.results import environment, private_memory_mb, restart_peak_memory, write_json
-
-
-def pick_device(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def release_freed_memory() -> bool:
@@ -90,7 +81,7 @@ def peak_memory_mb(device: str) -> float:
     return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10) + server
 
 
-def _callback(evaluate, curves: dict, timing: dict):
+def _callback(evaluate, curves: dict):
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
@@ -114,9 +105,7 @@ def _callback(evaluate, curves: dict, timing: dict):
                 )
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            start = time.perf_counter()
             per_example = evaluate()
-            timing["eval_s"] += time.perf_counter() - start
             curves["eval"].append(
                 {
                     "step": state.global_step,
@@ -129,7 +118,7 @@ def _callback(evaluate, curves: dict, timing: dict):
     return Recorder()
 
 
-def _chunked_trainer(fused_head_loss: bool = False, onednn_head: bool = False):
+def _chunked_trainer(fused_head_loss: bool = False, onednn_head=(False, False)):
     from transformers import Trainer
 
     from loraplace.data import IGNORE
@@ -139,7 +128,7 @@ def _chunked_trainer(fused_head_loss: bool = False, onednn_head: bool = False):
         """Runs one optimizer step's packed chunks one at a time, each weighted by its share of
         the step's target tokens: the gradient of the fused batch, the memory of one chunk.
         With `fused_head_loss` a chunk's loss is `headloss.head_loss` (no whole logits), its
-        head products through oneDNN with `onednn_head`."""
+        head's two products (forward, input gradient) through oneDNN where `onednn_head` says."""
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             model.train()
@@ -195,83 +184,122 @@ def base_evaluation(
     return per_example
 
 
-def train_run(spec: dict) -> dict:
-    """Run one (strategy, seed) and return its metrics; raises on failure."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+class Notes(list):
+    """Fast paths a run asked for and could not take here, each said once, in the log and in
+    result.json."""
 
-    from loraplace.adapters import attach
-    from loraplace.bench import architecture
-    from loraplace.headloss import head_is_frozen, head_loss_matches
-    from loraplace.kernels import accelerate, bf16_products_supported, onednn_available
-    from loraplace.models import load_model, resolve
-    from loraplace.placement import place
+    def add(self, switch: str, why: str) -> None:
+        self.append({"switch": switch, "why": why})
+        print(f"  note: {switch} is off for this run: {why}", flush=True)
+
+
+class Phases(dict):
+    """Seconds spent in each named part of a run: `with phases("load"): ...`."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+
+def run_paths(spec: dict, cfg: StudyConfig) -> dict:
+    """The paths the study resolved for this run, or (a spec without them) resolved here."""
+    from loraplace.hardware import Machine, resolve_paths
+
+    if "paths" in spec:
+        return spec["paths"]
+    machine = Machine.here()
+    return resolve_paths(
+        cfg.device, cfg.onednn, cfg.onednn_head, cfg.product_dtype, machine
+    ).to_dict()
+
+
+def run_products(spec: dict, cfg: StudyConfig, paths: dict, model) -> dict:
+    """Which library runs each float32 product shape: the study's measurement, or made here."""
+    from loraplace.hardware import Paths, products_for
+    from loraplace.headloss import ROWS
     from loraplace.roles import classify
-    from loraplace.segments import use_segment_attention
-    from loraplace.strategies import from_dict
 
-    cfg = StudyConfig(**spec["config"])
-    strategy, seed, run_dir = from_dict(spec["strategy"]), spec["seed"], Path(spec["run_dir"])
-    device = pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    released = cfg.release_memory and release_freed_memory()
-    seed_everything(seed)
+    if "products" in spec:
+        return spec["products"]
+    shapes = [(m.out_features, m.in_features) for m in classify(model) if m.layer is not None]
+    head = model.get_output_embeddings()
+    head_shape = tuple(head.weight.shape) if isinstance(head, torch.nn.Linear) else None
+    return products_for(Paths(**paths), shapes, head_shape, pack_rows(cfg), ROWS, cfg.threads)
+
+
+def pack_rows(cfg: StudyConfig) -> int:
+    """Tokens per packed training chunk."""
+    return cfg.pack_tokens or cfg.max_length * 3 // 2
+
+
+def _load(cfg: StudyConfig, device: str):
+    from loraplace.models import load_model, resolve
 
     model, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code))
     model.to(device)
-    train_rows, eval_rows = (
-        load_rows(cfg.data, cfg.train_split),
-        load_rows(cfg.data, cfg.eval_split),
-    )
-    train_set = tokenize(train_rows, tokenizer, cfg.max_length, cfg.loss_on)
-    eval_set = tokenize(eval_rows, tokenizer, cfg.max_length, cfg.loss_on)
+    rows = {
+        "train": load_rows(cfg.data, cfg.train_split),
+        "eval": load_rows(cfg.data, cfg.eval_split),
+    }
+    sets = {k: tokenize(v, tokenizer, cfg.max_length, cfg.loss_on) for k, v in rows.items()}
+    return model, tokenizer, rows, sets
+
+
+def _batching(cfg: StudyConfig, model, tokenizer, device: str, notes: Notes) -> dict:
+    """How training and evaluation batch their examples: packed where checked exact."""
+    from loraplace.segments import use_segment_attention
+
     pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
+    wanted = cfg.packing and cfg.fuse_accumulation and pad_to is None
+    exact = (wanted or cfg.pack_eval) and packing_is_exact(model, device)
+    packed = wanted and exact
+    if wanted and not exact:
+        notes.add("packing", "packed rows did not give each example its own loss on this model")
+    segments = False
+    if packed and cfg.segment_attention:
+        segments = use_segment_attention(model)
+        if not segments:
+            notes.add("segment_attention", "the model does not run SDPA attention")
+        elif not packing_is_exact(model, device, segments=True):
+            model.set_attn_implementation("sdpa")
+            segments = False
+            notes.add("segment_attention", "attention per example was not exact on this model")
     collate = Collator(tokenizer.pad_token_id, pad_to)
-    packed = (
-        cfg.packing and cfg.fuse_accumulation and pad_to is None and packing_is_exact(model, device)
-    )
-    segments = packed and cfg.segment_attention and use_segment_attention(model)
-    if segments and not packing_is_exact(model, device, segments=True):
-        model.set_attn_implementation("sdpa")
-        segments = False
     if packed:
-        collate = PackedCollator(cfg.pack_tokens or cfg.max_length * 3 // 2, segments)
+        collate = PackedCollator(pack_rows(cfg), segments)
+    eval_packed = cfg.pack_eval and exact
+    if cfg.pack_eval and not exact:
+        notes.add("pack_eval", "packed rows did not give each example its own loss on this model")
     eval_collate = Collator(tokenizer.pad_token_id)  # both paths: the same evaluation
-    eval_packed = cfg.pack_eval and (packed or packing_is_exact(model, device))
     if eval_packed:  # no padding; rows of up to eval_batch_size x max_length tokens, as padded
         eval_collate = PackedCollator(cfg.eval_batch_size * cfg.max_length, segments)
-    # Whether the head-and-loss functions give this model's loss, with the default BLAS and
-    # with oneDNN: checked once, here, for training (switches) and evaluation (both paths).
-    use_onednn = device == "cpu" and onednn_available()
-    head_exact = {o: head_loss_matches(model, device, onednn=o) for o in {False, use_onednn}}
-    eval_head = None
-    if eval_packed and head_exact[False]:  # no whole logits; the same for every run
-        eval_head = "onednn" if head_exact[use_onednn] and use_onednn else "blocks"
+    return {"packed": packed, "segments": segments, "collate": collate,
+            "eval_packed": eval_packed, "eval_collate": eval_collate}  # fmt: skip
 
-    def evaluate():
-        return example_losses(model, eval_set, eval_collate, cfg.eval_batch_size, device, eval_head)
 
-    prompts = [prompt(r) for r in eval_rows[: cfg.generations]]
-    base_per_example = base_evaluation(spec, cfg, device, eval_set, evaluate, eval_head)
-    placement = place(classify(model), strategy, cfg.rank, cfg.bias)
-    arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
-    model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
-    bf16 = device == "cpu" and (
-        cfg.product_dtype == "bfloat16"
-        or (cfg.product_dtype == "auto" and bf16_products_supported())
-    )
-    taken = accelerate(model, cfg.fused_lora, cfg.onednn, cfg.fused_mlp, bf16)
-    fused_head = packed and cfg.fused_head_loss and head_exact[False] and head_is_frozen(model)
-    onednn_head = fused_head and cfg.onednn_head and use_onednn and head_exact[use_onednn]
-    base_generations = []
-    if prompts:
-        with model.disable_adapter():
-            base_generations = greedy_generations(
-                model, tokenizer, prompts, cfg.max_new_tokens, device, cfg.max_length
-            )
+def _head(model, device: str, paths: dict, products: dict, notes: Notes) -> dict:
+    """Whether the head-and-loss functions give this model's loss, with the default BLAS and
+    with the head's chosen libraries: checked once, here, for training and evaluation."""
+    from loraplace.headloss import head_loss_matches
+
+    pair = tuple(products.get("head", (paths["onednn_head"],) * 2))
+    blocks = head_loss_matches(model, device, onednn=False)
+    if any(pair) and not (blocks and head_loss_matches(model, device, onednn=pair)):
+        if blocks:
+            notes.add("onednn_head", "the head's products through oneDNN were not exact here")
+        pair = (False, False)
+    return {"blocks": blocks, "onednn": pair}
+
+
+def _training_args(cfg: StudyConfig, run_dir: Path, seed: int, name: str, device: str):
+    from transformers import TrainingArguments
 
     fused = cfg.fuse_accumulation
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(run_dir / "trainer"),
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size * (cfg.grad_accum if fused else 1),
@@ -287,40 +315,112 @@ def train_run(spec: dict) -> dict:
         save_strategy="no",
         eval_strategy="no",
         report_to=cfg.report_to or "none",
-        run_name=f"{strategy.name}-seed-{seed}",
+        run_name=f"{name}-seed-{seed}",
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty() and not os.environ.get("LORAPLACE_PROGRESS"),
     )
-    curves: dict = {"train": [], "eval": [], "last_eval": None}
+
+
+def train_run(spec: dict) -> dict:
+    """Run one (strategy, seed) and return its metrics; raises on failure."""
+    from transformers import PrinterCallback, Trainer
+
+    from loraplace.adapters import attach
+    from loraplace.bench import architecture
+    from loraplace.headloss import head_is_frozen
+    from loraplace.kernels import accelerate
+    from loraplace.placement import place
+    from loraplace.roles import classify
+    from loraplace.strategies import from_dict
+
+    cfg = StudyConfig(**spec["config"])
+    strategy, seed, run_dir = from_dict(spec["strategy"]), spec["seed"], Path(spec["run_dir"])
+    phases, notes = Phases(), Notes()
+    paths = run_paths(spec, cfg)
+    device = paths["device"]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    released = cfg.release_memory and release_freed_memory()
+    seed_everything(seed)
+
+    with phases("load"):
+        model, tokenizer, rows, sets = _load(cfg, device)
+    with phases("checks"):
+        products = run_products(spec, cfg, paths, model)
+        batching = _batching(cfg, model, tokenizer, device, notes)
+        head = _head(model, device, paths, products, notes)
+    packed, eval_packed = batching["packed"], batching["eval_packed"]
+    eval_head = None
+    if eval_packed and head["blocks"]:  # no whole logits; the same for every run
+        eval_head = "onednn" if head["onednn"][0] else "blocks"
     timing = {"eval_s": 0.0}
-    trainer = (_chunked_trainer(fused_head, onednn_head) if packed else Trainer)(
+
+    def evaluate():
+        start = time.perf_counter()
+        try:
+            return example_losses(model, sets["eval"], batching["eval_collate"],
+                                  cfg.eval_batch_size, device, eval_head)  # fmt: skip
+        finally:
+            timing["eval_s"] += time.perf_counter() - start
+
+    prompts = [prompt(r) for r in rows["eval"][: cfg.generations]]
+    with phases("base_eval"):
+        base_per_example = base_evaluation(spec, cfg, device, sets["eval"], evaluate, eval_head)
+    placement = place(classify(model), strategy, cfg.rank, cfg.bias)
+    arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
+    with phases("attach"):
+        model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
+        bf16 = paths["product_dtype"] == "bfloat16"
+        taken = accelerate(model, cfg.fused_lora, paths["onednn"], cfg.fused_mlp, bf16,
+                           products.get("decoder"))  # fmt: skip
+    if cfg.fused_lora and placement.modules and not taken["fused_lora"]:
+        notes.add("fused_lora", "no adapted layer is one the fused function reproduces exactly")
+    if bf16 and not taken["bf16_products"]:
+        notes.add("product_dtype", "no frozen float32 product to run in bfloat16")
+    fused_head = packed and cfg.fused_head_loss and head["blocks"] and head_is_frozen(model)
+    if packed and cfg.fused_head_loss and not fused_head:
+        notes.add("fused_head_loss", "the model's own loss differs from the blocked head loss")
+    head_libraries = head["onednn"] if fused_head else (False, False)
+    base_generations = []
+    if prompts:
+        with phases("generations"), model.disable_adapter():
+            base_generations = greedy_generations(
+                model, tokenizer, prompts, cfg.max_new_tokens, device, cfg.max_length
+            )
+
+    curves: dict = {"train": [], "eval": [], "last_eval": None}
+    trainer = (_chunked_trainer(fused_head, head_libraries) if packed else Trainer)(
         model=model,
-        args=args,
-        train_dataset=train_set,
-        data_collator=collate,
-        callbacks=[_callback(evaluate, curves, timing)],
+        args=_training_args(cfg, run_dir, seed, strategy.name, device),
+        train_dataset=sets["train"],
+        data_collator=batching["collate"],
+        callbacks=[_callback(evaluate, curves)],
     )
     trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    trainer.train()
-    train_time_s = time.perf_counter() - start - timing["eval_s"]
+    eval_before = timing["eval_s"]
+    with phases("train"):
+        trainer.train()
+    train_time_s = phases["train"] - (timing["eval_s"] - eval_before)
+    phases["epoch_evals"] = timing["eval_s"] - eval_before
 
     per_example = curves.pop("last_eval") or evaluate()
     eval_loss = token_weighted(per_example)
     if not math.isfinite(eval_loss):
         raise FloatingPointError(f"eval loss is {eval_loss}")
     base_eval_loss = token_weighted(base_per_example)
-    trained_tokens = sum(len(e.input_ids) for e in train_set) * cfg.epochs
-    model.save_pretrained(str(run_dir / "adapter"), safe_serialization=True)
-    generations = (
-        greedy_generations(model, tokenizer, prompts, cfg.max_new_tokens, device, cfg.max_length)
-        if prompts
-        else []
-    )
+    trained_tokens = sum(len(e.input_ids) for e in sets["train"]) * cfg.epochs
+    with phases("save"):
+        model.save_pretrained(str(run_dir / "adapter"), safe_serialization=True)
+    generations = []
+    if prompts:
+        with phases("generations"):
+            generations = greedy_generations(
+                model, tokenizer, prompts, cfg.max_new_tokens, device, cfg.max_length
+            )
     return {
         "metrics": {
             "eval_loss": eval_loss,
@@ -339,38 +439,44 @@ def train_run(spec: dict) -> dict:
         },
         "base_per_example": {"loss": example_means(base_per_example)},
         "curves": curves,
-        "placement": {
-            "modules": placement.paths,
-            "ranks": placement.ranks,
-            "map": [[m.path, m.layer, m.role, placement.ranks[m.path]] for m in placement.modules],
-            "layers": placement.layers,
-            "literal": placement.literal,
-            "trainable_by_role": placement.trainable_by_role,
-            "trainable_by_layer": {
-                str(k): v for k, v in sorted(placement.trainable_by_layer.items())
-            },
-        },
+        "placement": _placement_record(placement),
         "generations": [
             {"prompt": p, "base": b, "adapted": g}
             for p, b, g in zip(prompts, base_generations, generations, strict=True)
         ],
         "data": {
             "name": dataset_name(cfg.data),
-            "train_rows": len(train_rows),
-            "eval_rows": len(eval_rows),
+            "train_rows": len(rows["train"]),
+            "eval_rows": len(rows["eval"]),
             "eval_target_tokens": sum(n for _, n in per_example),
         },
         "device": device,
+        "paths": paths,
+        "products": products,
+        "fallbacks": list(notes),
+        "phases_s": dict(phases),
         "packed": packed,
-        "segment_attention": segments,
+        "segment_attention": batching["segments"],
         "fused_head_loss": fused_head,
         "fused_mlp": taken["fused_mlp"] > 0,
-        "onednn_head": onednn_head,
+        "onednn_head": list(head_libraries),
         "product_dtype": "bfloat16" if taken["bf16_products"] else "float32",
         "packed_eval": eval_packed,
         "eval_head": eval_head,
         "release_memory": released,
         "architecture": arch,
+    }
+
+
+def _placement_record(placement) -> dict:
+    return {
+        "modules": placement.paths,
+        "ranks": placement.ranks,
+        "map": [[m.path, m.layer, m.role, placement.ranks[m.path]] for m in placement.modules],
+        "layers": placement.layers,
+        "literal": placement.literal,
+        "trainable_by_role": placement.trainable_by_role,
+        "trainable_by_layer": {str(k): v for k, v in sorted(placement.trainable_by_layer.items())},
     }
 
 

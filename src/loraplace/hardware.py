@@ -1,0 +1,299 @@
+"""What this machine can run, and which path each `auto` setting takes on it.
+
+    machine = Machine.here()                      # CPU flags, oneDNN, devices, a bfloat16 probe
+    paths = resolve_paths(cfg, machine)           # auto -> the path taken; impossible -> UserError
+    table = product_table(shapes, rows=384)       # oneDNN or the default BLAS, per product shape
+
+Every choice that depends on the hardware is made here, from inputs a test can feed: the CPU's
+flags, what torch was built with, which devices it sees and, for the library that runs each
+float32 product, timings measured on this machine (cached per machine and library versions).
+An explicit setting the hardware cannot run is refused before a study writes anything; `auto`
+never picks a path the machine cannot run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from loraplace.errors import UserError
+
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # x86 flags of CPUs that multiply bfloat16 natively
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
+# A library wins a product shape only when it is this much faster: timings of equal libraries
+# differ by a few per cent from one measurement to the next.
+MARGIN = 0.05
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the choices depend on. `bf16_products`: a bfloat16 product through oneDNN ran here."""
+
+    cpu: str = "unknown"
+    flags: frozenset[str] = frozenset()
+    onednn: bool = False
+    bf16_products: bool = False
+    devices: tuple[str, ...] = ("cpu",)
+    isa_limits: dict = field(default_factory=dict)  # ONEDNN_MAX_CPU_ISA and the like, if set
+
+    @staticmethod
+    def here() -> Machine:
+        return _here()
+
+    @property
+    def native_bf16(self) -> bool:
+        return any(flag in self.flags for flag in NATIVE_BF16)
+
+    def describe(self) -> str:
+        limits = "".join(f", {k}={v}" for k, v in self.isa_limits.items())
+        simd = [
+            f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd") if f in self.flags
+        ]
+        return f"{self.cpu} ({' '.join(simd) or 'no SIMD flags read'}{limits})"
+
+
+def cpu_info(text: str) -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) from the text of /proc/cpuinfo (x86 `flags`, ARM `Features`)."""
+    name = re.search(r"^(?:model name|Hardware|CPU part)\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.M)
+    return (
+        name.group(1).strip() if name else platform.processor() or platform.machine(),
+        frozenset(flags.group(1).split()) if flags else frozenset(),
+    )
+
+
+@lru_cache(maxsize=1)
+def _here() -> Machine:
+    import torch
+
+    from loraplace.kernels import onednn_available
+
+    try:
+        cpu, flags = cpu_info(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        cpu, flags = platform.processor() or platform.machine(), frozenset()
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    onednn = onednn_available()
+    return Machine(
+        cpu=cpu,
+        flags=flags,
+        onednn=onednn,
+        bf16_products=onednn and _bf16_product_runs(),
+        devices=tuple(devices),
+        isa_limits={k: os.environ[k] for k in ISA_VARIABLES if os.environ.get(k)},
+    )
+
+
+def _bf16_product_runs() -> bool:
+    """Whether oneDNN builds a bfloat16 product here: it refuses where the CPU (or the ISA
+    limit set by ONEDNN_MAX_CPU_ISA) has no bfloat16 instructions."""
+    import torch
+
+    x = torch.ones(4, 16, dtype=torch.bfloat16)
+    try:
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ones(8, 16, dtype=torch.bfloat16), None,
+                                               "none", [], "")  # fmt: skip
+    except RuntimeError:
+        return False
+    return bool((y.float() == 16).all())
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The resolved paths of a run: what `auto` became here, recorded with every result."""
+
+    device: str
+    onednn: bool  # frozen float32 products may go through oneDNN (per shape: `product_table`)
+    onednn_measured: bool  # True: per-shape choice by timing; False: every shape through oneDNN
+    onednn_head: bool  # the output head's products likewise
+    onednn_head_measured: bool
+    product_dtype: str  # float32 | bfloat16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick_device(choice: str, machine: Machine) -> str:
+    if choice == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if d in machine.devices)
+    if choice not in machine.devices:
+        hint = (
+            "this torch was built without CUDA or sees no GPU"
+            if choice == "cuda"
+            else "no Apple GPU is available"
+        )
+        raise UserError(f"device {choice!r} was asked for, but {hint}; use device auto or cpu")
+    return choice
+
+
+def pick_onednn(choice: bool | None, device: str, machine: Machine) -> bool:
+    """None (auto): oneDNN on CPU where torch has it. True where it cannot run is refused."""
+    if choice is None:
+        return device == "cpu" and machine.onednn
+    if choice and device != "cpu":
+        raise UserError(f"onednn is a CPU path and this study runs on {device}; use onednn auto")
+    if choice and not machine.onednn:
+        raise UserError("onednn was asked for, but this torch has no oneDNN; use onednn auto")
+    return choice
+
+
+def pick_product_dtype(choice: str, device: str, onednn: bool, machine: Machine) -> str:
+    """auto: bfloat16 on a CPU that multiplies it natively and ran the probe, else float32."""
+    if choice == "float32":
+        return choice
+    runnable = device == "cpu" and onednn and machine.bf16_products
+    if choice == "auto":
+        return "bfloat16" if runnable and machine.native_bf16 else "float32"
+    if device != "cpu":
+        raise UserError(
+            f"product_dtype bfloat16 is a CPU path and this study runs on {device}; "
+            "use product_dtype auto or float32"
+        )
+    if not onednn:
+        raise UserError("product_dtype bfloat16 runs through oneDNN, which is off; "
+                        "set onednn to auto or true, or product_dtype to auto")  # fmt: skip
+    if not machine.bf16_products:
+        raise UserError(
+            f"this CPU cannot multiply bfloat16 through oneDNN ({machine.describe()}: it needs "
+            "AVX-512 BF16 or AMX); use product_dtype auto or float32"
+        )
+    return choice
+
+
+def resolve_paths(
+    device: str,
+    onednn: bool | None,
+    onednn_head: bool | None,
+    product_dtype: str,
+    machine: Machine,
+) -> Paths:
+    """The paths a run takes here for these settings; UserError for one it cannot take.
+
+    `onednn_head` None follows `onednn`. Where `auto` chose oneDNN, the library of each
+    product shape is then measured (`product_table`); where it was asked for, oneDNN runs all.
+    """
+    resolved_device = pick_device(device, machine)
+    use_onednn = pick_onednn(onednn, resolved_device, machine)
+    head = use_onednn if onednn_head is None else pick_onednn(onednn_head, resolved_device, machine)
+    return Paths(
+        device=resolved_device,
+        onednn=use_onednn,
+        onednn_measured=use_onednn and onednn is None,
+        onednn_head=head,
+        onednn_head_measured=head and onednn_head is None and onednn is None,
+        product_dtype=pick_product_dtype(product_dtype, resolved_device, use_onednn, machine),
+    )
+
+
+# --- which library runs each float32 product -------------------------------------------------
+
+
+def shape_key(out_features: int, in_features: int) -> str:
+    return f"{out_features}x{in_features}"
+
+
+def choose_libraries(timings: dict[str, dict[str, float]], margin: float = MARGIN) -> dict:
+    """Which library runs each product: {shape: [forward on oneDNN, input gradient on oneDNN]}.
+
+    `timings` holds seconds per product, {shape: {"forward": [blas, onednn], "input_grad":
+    [blas, onednn]}}; oneDNN is taken where it is faster by more than `margin`."""
+    return {
+        shape: [times[d][1] < times[d][0] * (1 - margin) for d in ("forward", "input_grad")]
+        for shape, times in timings.items()
+    }
+
+
+def _time_products(out_f: int, in_f: int, rows: int, reps: int) -> dict[str, list[float]]:
+    """Best-of-`reps` seconds for one product of this shape, per direction and library."""
+    import torch
+
+    from loraplace.kernels import linear
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_f, in_f, generator=generator)
+    inputs = {"forward": (torch.randn(rows, in_f, generator=generator), weight),
+              "input_grad": (torch.randn(rows, out_f, generator=generator), weight.t())}  # fmt: skip
+    found = {}
+    for direction, (x, w) in inputs.items():
+        best = [float("inf"), float("inf")]
+        for _ in range(reps):
+            for i, onednn in enumerate((False, True)):  # alternating: both see the same noise
+                start = time.perf_counter()
+                linear(x, w, onednn=onednn)
+                best[i] = min(best[i], time.perf_counter() - start)
+        found[direction] = best
+    return found
+
+
+def _cache_file(shapes: list[tuple[int, int]], rows: int, threads: int) -> Path:
+    import torch
+
+    from loraplace.models import cache_dir
+
+    machine = Machine.here()
+    key = json.dumps([machine.cpu, sorted(machine.flags), machine.isa_limits, torch.__version__,
+                      threads, rows, sorted(shapes)])  # fmt: skip
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "products" / f"{digest}.json"
+
+
+def product_table(
+    shapes: list[tuple[int, int]], rows: int, threads: int | None = None, reps: int = 5
+) -> dict:
+    """For each (out, in) product shape, whether its forward and input-gradient products run
+    faster through oneDNN than through the default BLAS on this machine, for `rows` tokens.
+
+    Measured once (about a second for a model's handful of shapes) and cached per CPU, ISA
+    limits, torch version, thread count and shapes."""
+    import torch
+
+    from loraplace.results import write_json
+
+    shapes = sorted(set(shapes))
+    threads = threads or torch.get_num_threads()
+    path = _cache_file(shapes, rows, threads)
+    try:
+        return json.loads(path.read_text())["table"]
+    except (OSError, ValueError, KeyError):
+        pass
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        timings = {shape_key(o, i): _time_products(o, i, rows, reps) for o, i in shapes}
+    finally:
+        torch.set_num_threads(before)
+    table = choose_libraries(timings)
+    write_json(path, {"machine": Machine.here().describe(), "rows": rows, "threads": threads,
+                      "timings_s": timings, "table": table})  # fmt: skip
+    return table
+
+
+def products_for(
+    paths: Paths,
+    shapes: list[tuple[int, int]],
+    head_shape: tuple[int, int] | None,
+    rows: int,
+    head_rows: int,
+    threads: int | None = None,
+) -> dict:
+    """The measured library choices a run with these paths needs: {"decoder": table, "head":
+    [forward, input gradient]}, each only where `auto` left the choice to a measurement."""
+    found = {}
+    if paths.onednn_measured and shapes:
+        found["decoder"] = product_table(shapes, rows, threads)
+    if paths.onednn_head_measured and head_shape:
+        found["head"] = product_table([head_shape], head_rows, threads, reps=3)[
+            shape_key(*head_shape)
+        ]
+    return found
