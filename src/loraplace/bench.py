@@ -96,6 +96,9 @@ def _row(name: str, plain: dict, fast: dict, peak: float, flops: tuple[float, fl
         row[f"{tag}_peak_memory_mb"] = m.get("peak_memory_mb")
         row[f"{tag}_eval_loss"] = m.get("eval_loss")
         row[f"{tag}_product_dtype"] = r.get("product_dtype")
+        # a run's fixed cost: everything but training (load, checks, evaluations, saving)
+        row[f"{tag}_outside_train_s"] = r["wall_s"] - m["train_time_s"] if m else None
+        row[f"{tag}_phases_s"] = r.get("phases_s")
     row["speedup"] = plain["wall_s"] / fast["wall_s"]
     if plain.get("metrics") and fast.get("metrics"):
         a, b = plain["metrics"]["eval_loss"], fast["metrics"]["eval_loss"]
@@ -107,7 +110,8 @@ def render(report: dict) -> str:
     cols = [("strategy", "strategy"), ("plain_wall_s", "plain wall s"), ("loraplace_wall_s", "loraplace wall s"), ("speedup", "speedup"),
             ("plain_tokens_per_s", "plain tok/s"), ("loraplace_tokens_per_s", "loraplace tok/s"), ("plain_mfu_pct", "plain MFU %"),
             ("loraplace_mfu_pct", "loraplace MFU %"), ("plain_peak_memory_mb", "plain peak MB"), ("loraplace_peak_memory_mb", "loraplace peak MB"),
-            ("plain_eval_loss", "plain eval loss"), ("loraplace_eval_loss", "loraplace eval loss"), ("eval_loss_diff_pct", "eval loss diff %")]  # fmt: skip
+            ("plain_eval_loss", "plain eval loss"), ("loraplace_eval_loss", "loraplace eval loss"), ("eval_loss_diff_pct", "eval loss diff %"),
+            ("plain_outside_train_s", "plain outside training s"), ("loraplace_outside_train_s", "loraplace outside training s")]  # fmt: skip
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for row in report["rows"] + [report["total"]]:
         cells = []
@@ -128,16 +132,19 @@ def render(report: dict) -> str:
             "accumulation (`product_dtype`), the plain path's in float32; evaluation is float32 "
             "on both."
         )
+    if report.get("paths"):
+        head += f" loraplace's {report['paths']}."
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
 def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
     from loraplace.data import load_rows, tokenize
     from loraplace.models import load_model, resolve
-    from loraplace.runner import prepare, run_study
+    from loraplace.runner import describe_paths, prepare, run_study
 
     out = Path(out)
-    strategies = prepare(cfg).strategies
+    prepared = prepare(cfg)
+    strategies = prepared.strategies
     peaks = matmul_peak_gflops()
     peak = max(peaks.values())
     log(
@@ -178,7 +185,8 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
         )
         rows.append(_row(s.name, plain, fast, peak, flops))
     total = {"strategy": "total"}
-    for key in ("plain_wall_s", "loraplace_wall_s", "plain_train_s", "loraplace_train_s"):
+    for key in ("plain_wall_s", "loraplace_wall_s", "plain_train_s", "loraplace_train_s",
+                "plain_outside_train_s", "loraplace_outside_train_s"):  # fmt: skip
         total[key] = sum(r[key] or 0 for r in rows)
     total["speedup"] = total["plain_wall_s"] / total["loraplace_wall_s"]
     for tag in ("plain", "loraplace"):
@@ -197,6 +205,7 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
         "machine": f"{first.get('machine', {}).get('platform')}, {first.get('machine', {}).get('cpus')} CPUs, device {first.get('device')}",
         "peak_gflops": peak,
         "peak_gflops_by_library": peaks,
+        "paths": describe_paths(prepared.paths, prepared.products),
         "train_tokens_per_epoch": sum(lengths),
         "rows": rows,
         "total": total,

@@ -97,22 +97,26 @@ def greedy_generations(
     device: str = "cpu",
     max_prompt_tokens: int = 256,
 ) -> list[str]:
-    """Greedy continuations of each prompt (one at a time: no padding effects).
+    """Greedy continuations of the prompts, generated together (left-padded, masked).
 
     A prompt longer than `max_prompt_tokens` keeps its end, where the response starts.
     """
-    texts = []
+    if not prompts:
+        return []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [
+        tokenizer(text, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+        for text in prompts
+    ]
+    width = max(len(ids) for ids in encoded)
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+    mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
     with evaluating(model):
-        for text in prompts:
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][
-                :, -max_prompt_tokens:
-            ]
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=torch.ones_like(ids).to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
-    return texts
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]

@@ -297,3 +297,37 @@ def products_for(
             shape_key(*head_shape)
         ]
     return found
+
+
+# --- checks remembered per model architecture, device and library versions -----------------
+
+
+def remembered_check(name: str, model, device: str, check, *args) -> bool:
+    """`check(model, device, *args)`, answered from the cache where this architecture (its
+    config, not its weights) was checked before with the same arguments on this machine and
+    the same library versions; the start-of-run exactness checks cost a few forward passes."""
+    import sys
+
+    import torch
+    import transformers
+
+    from loraplace import __version__
+    from loraplace.models import cache_dir
+
+    code = Path(sys.modules[check.__module__].__file__).read_bytes()  # the check's own code
+    attention = getattr(model.config, "_attn_implementation", None)
+    key = json.dumps(
+        [name, type(model).__name__, model.config.to_json_string(), attention, device,
+         repr(args), torch.__version__, transformers.__version__, __version__,
+         hashlib.sha256(code).hexdigest(), Machine.here().describe()],
+    )  # fmt: skip
+    path = cache_dir() / "checks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    try:
+        return bool(json.loads(path.read_text())["ok"])
+    except (OSError, ValueError, KeyError):
+        pass
+    ok = bool(check(model, device, *args))
+    from loraplace.results import write_json
+
+    write_json(path, {"check": name, "ok": ok})
+    return ok

@@ -38,6 +38,7 @@ from loraplace.data import (
     tokenize,
 )
 from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
+from loraplace.hardware import remembered_check
 from loraplace.kernels import limit_onednn_caches
 from loraplace.results import environment, private_memory_mb, restart_peak_memory, write_json
 
@@ -255,7 +256,9 @@ def _batching(cfg: StudyConfig, model, tokenizer, device: str, notes: Notes) -> 
 
     pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
     wanted = cfg.packing and cfg.fuse_accumulation and pad_to is None
-    exact = (wanted or cfg.pack_eval) and packing_is_exact(model, device)
+    exact = (wanted or cfg.pack_eval) and remembered_check(
+        "packing", model, device, packing_is_exact
+    )
     packed = wanted and exact
     if wanted and not exact:
         notes.add("packing", "packed rows did not give each example its own loss on this model")
@@ -264,7 +267,7 @@ def _batching(cfg: StudyConfig, model, tokenizer, device: str, notes: Notes) -> 
         segments = use_segment_attention(model)
         if not segments:
             notes.add("segment_attention", "the model does not run SDPA attention")
-        elif not packing_is_exact(model, device, segments=True):
+        elif not remembered_check("segments", model, device, packing_is_exact, 1e-4, True):
             model.set_attn_implementation("sdpa")
             segments = False
             notes.add("segment_attention", "attention per example was not exact on this model")
@@ -287,8 +290,10 @@ def _head(model, device: str, paths: dict, products: dict, notes: Notes) -> dict
     from loraplace.headloss import head_loss_matches
 
     pair = tuple(products.get("head", (paths["onednn_head"],) * 2))
-    blocks = head_loss_matches(model, device, onednn=False)
-    if any(pair) and not (blocks and head_loss_matches(model, device, onednn=pair)):
+    blocks = remembered_check("head", model, device, head_loss_matches, 1e-4, (False, False))
+    if any(pair) and not (
+        blocks and remembered_check("head", model, device, head_loss_matches, 1e-4, pair)
+    ):
         if blocks:
             notes.add("onednn_head", "the head's products through oneDNN were not exact here")
         pair = (False, False)
