@@ -190,3 +190,25 @@ def test_a_run_records_resolved_paths_and_is_redone_where_they_differ(
     code, err = _study(capsys, tiny_gpt2_dir, out)
     assert code == 0, err
     assert json.loads(path.read_text())["paths"]["product_dtype"] != other
+
+
+def _never_exact(model, device="cpu", tolerance=1e-4, segments=False):
+    return False
+
+
+def test_a_path_that_fails_its_check_falls_back_and_says_so(
+    tiny_gpt2_dir, tmp_path, monkeypatch, capsys
+):
+    from loraplace import train
+    from loraplace.config import StudyConfig
+    from loraplace.strategies import BUILTINS, to_dict
+
+    monkeypatch.setattr(train, "packing_is_exact", _never_exact)
+    cfg = StudyConfig(model=str(tiny_gpt2_dir), data=str(ALPACA_HEAD), train_split="train[:4]",
+                      eval_split="train[100:102]", epochs=1, max_length=32, generations=0)  # fmt: skip
+    spec = {"config": cfg.to_dict(), "strategy": to_dict(BUILTINS["full"]), "seed": 1,
+            "run_dir": str(tmp_path / "run")}  # fmt: skip
+    result = train.train_run(spec)
+    assert result["packed"] is False and result["packed_eval"] is False
+    assert {n["switch"] for n in result["fallbacks"]} >= {"packing", "pack_eval"}
+    assert "note: packing is off for this run" in capsys.readouterr().out
