@@ -109,7 +109,9 @@ def test_report_html_in_headless_chromium(tiny_study, tmp_path):
             "</body>",
             "<script>window.addEventListener('load',()=>{const imgs=[...document.images];"
             "document.title='tables='+document.querySelectorAll('table').length+' images='+imgs.length+"
-            "' decoded='+imgs.filter(i=>i.complete&&i.naturalWidth>100).length;});</script></body>",
+            "' decoded='+imgs.filter(i=>i.complete&&i.naturalWidth>100).length+"
+            "' overflow='+(document.documentElement.scrollWidth>document.documentElement.clientWidth);"
+            "});</script></body>",
         )
     )
     cmd = [
@@ -118,6 +120,7 @@ def test_report_html_in_headless_chromium(tiny_study, tmp_path):
         "--no-sandbox",
         "--disable-gpu",
         "--virtual-time-budget=10000",
+        "--window-size=1280,1000",
         "--dump-dom",
         probe.as_uri(),
     ]
@@ -126,6 +129,7 @@ def test_report_html_in_headless_chromium(tiny_study, tmp_path):
     title = proc.stdout.split("<title>")[1].split("</title>")[0]
     n_tables = int(title.split("tables=")[1].split()[0])
     assert n_tables >= 5 and "images=4 decoded=4" in title, title
+    assert "overflow=false" in title, title  # wide tables scroll inside themselves
     shot = tmp_path / "report.png"
     subprocess.run(
         [
@@ -141,3 +145,15 @@ def test_report_html_in_headless_chromium(tiny_study, tmp_path):
         timeout=120,
     )
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_large_counts_are_grouped_and_a_missing_depth_sweep_is_named(tiny_study, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace("layer_study: null", "layer_study: attn"))
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "attn-bottom-third seed 1" in md.split("Missing runs")[1]  # the sweep never ran
+    params = pd.read_csv(out / "summary.csv")["trainable_params"].max()
+    assert params >= 10_000 and f"{int(params):,}" in (out / "report.html").read_text()

@@ -48,6 +48,8 @@ def _fmt(x) -> str:
         if math.isnan(x):
             return "–"
         return f"{x:,.0f}" if abs(x) >= 1e4 else f"{x:.4g}"
+    if isinstance(x, int | np.integer) and not isinstance(x, bool):
+        return f"{x:,}" if abs(x) >= 1e4 else str(x)  # parameter counts: 4,884,480
     return str(x)
 
 
@@ -67,8 +69,14 @@ def _read_config(out: Path) -> dict:
 
 
 def _missing(config: dict, results: list[dict]) -> list[str]:
+    """Runs the study's config asks for (its depth sweep included) with no result file."""
+    from loraplace.strategies import resolve
+
     have = {(r["strategy"], r["seed"]) for r in results}
-    names = [s.split("=")[0].strip() for s in config.get("strategies", [])]
+    try:
+        names = [s.name for s in resolve(config.get("strategies", []), config.get("layer_study"))]
+    except UserError:  # a config edited by hand: its own spelling of the names
+        names = [s.split("=")[0].strip() for s in config.get("strategies", [])]
     return [f"{n} seed {s}" for s in config.get("seeds", []) for n in names if (n, s) not in have]
 
 
@@ -350,13 +358,12 @@ def render_html(blocks, out: Path) -> str:
         elif kind == "pre":
             body.append(f"<pre>{html.escape(str(content))}</pre>")
         elif kind == "table":
-            body.append(
-                content.to_html(index=False, na_rep="–", float_format=_fmt, border=0, classes="t")
-            )
+            table = content.map(_fmt).to_html(index=False, na_rep="–", border=0, classes="t")
+            body.append(f'<div class="wide">{table}</div>')  # scrolls inside itself if wide
         elif kind == "img":
             data = base64.b64encode((out / content).read_bytes()).decode()
             body.append(f'<img alt="{html.escape(content)}" src="data:image/png;base64,{data}">')
-    style = "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}table.t{border-collapse:collapse;font-size:13px;margin:1em 0}table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}table.t td:first-child{text-align:left}img{max-width:100%}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}"
+    style = "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}table.t{border-collapse:collapse;font-size:13px;margin:1em 0}table.t td,table.t th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}table.t td:first-child{text-align:left}div.wide{max-width:100%;overflow-x:auto}img{max-width:100%}pre{background:#f6f6f6;padding:8px;white-space:pre-wrap}"
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>loraplace report</title><style>{style}</style></head><body>\n'
         + "\n".join(body)
