@@ -21,7 +21,13 @@ import yaml
 
 from loraplace import plots, stats
 from loraplace.errors import UserError
-from loraplace.results import SUMMARY_COLUMNS, load_results, summary_rows, write_text
+from loraplace.results import (
+    SUMMARY_COLUMNS,
+    damaged_results,
+    load_results,
+    summary_rows,
+    write_text,
+)
 
 HYPERPARAMETERS = (
     "rank",
@@ -128,9 +134,15 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
     if not out.is_dir():
         raise UserError(f"results folder {str(out)!r} does not exist")
     results = load_results(out)
+    damaged = [
+        f"{p.parent.parent.name} {p.parent.name.replace('-', ' ')}: result.json {why}"
+        for p, why in damaged_results(out)
+    ]
     if not results:
+        also = f" ({'; '.join(damaged)})" if damaged else ""
         raise UserError(
-            f"no run results under {str(out / 'runs')!r}; run `loraplace study --out {out}` first"
+            f"no run results under {str(out / 'runs')!r}{also}; run `loraplace study --out {out}` "
+            "first"
         )
     config = _read_config(out)
     order = [s.split("=")[0].strip() for s in config.get("strategies", [])]
@@ -182,6 +194,11 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
     old = [f"{r['strategy']} seed {r['seed']}" for r in ok if "per_example" not in r]
     if failed:
         notes.append("Failed runs (left out of every table below): " + "; ".join(failed))
+    if damaged:
+        notes.append(
+            "Damaged result files (left out of every table; `loraplace study` runs them again): "
+            + "; ".join(damaged)
+        )
     if missing:
         notes.append("Missing runs (no result file yet): " + ", ".join(missing))
     if old:
