@@ -45,6 +45,9 @@ NOT_RUN_KEYS = (
     "equal_budget",
     "reuse_base_eval",
     "reuse_process",
+    "checkpoint_every",  # where a run may stop and resume, not what it computes
+    "checkpoint_minutes",
+    "keep_checkpoints",
 )
 
 

@@ -10,6 +10,8 @@ shared token-weighted evaluation, and records curves, time, throughput and peak 
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import gc
 import hashlib
 import json
@@ -17,6 +19,7 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraplace import __version__
+from loraplace import __version__, checkpoints, faults
 from loraplace.config import StudyConfig
 from loraplace.data import (
     Collator,
@@ -38,7 +41,14 @@ from loraplace.data import (
 )
 from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
 from loraplace.kernels import limit_onednn_caches
-from loraplace.results import environment, private_memory_mb, restart_peak_memory, write_json
+from loraplace.results import (
+    die_with_parent,
+    environment,
+    private_memory_mb,
+    restart_peak_memory,
+    write_json,
+    write_result,
+)
 
 
 def pick_device(choice: str) -> str:
@@ -206,11 +216,15 @@ def train_run(spec: dict) -> dict:
     from loraplace.models import load_model, resolve
     from loraplace.placement import place
     from loraplace.roles import classify
+    from loraplace.runner import run_settings
     from loraplace.segments import use_segment_attention
     from loraplace.strategies import from_dict
 
     cfg = StudyConfig(**spec["config"])
     strategy, seed, run_dir = from_dict(spec["strategy"]), spec["seed"], Path(spec["run_dir"])
+    injected = faults.for_run(strategy.name, seed)  # the fault suite's, else nothing
+    if "lr" in injected:
+        cfg = dataclasses.replace(cfg, lr=float(injected["lr"]))
     device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -225,6 +239,9 @@ def train_run(spec: dict) -> dict:
     )
     train_set = tokenize(train_rows, tokenizer, cfg.max_length, cfg.loss_on)
     eval_set = tokenize(eval_rows, tokenizer, cfg.max_length, cfg.loss_on)
+    key = checkpoints.run_key(
+        run_settings(cfg.to_dict()), spec["strategy"], seed, [e.input_ids for e in train_set]
+    )
     pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
     collate = Collator(tokenizer.pad_token_id, pad_to)
     packed = (
@@ -294,7 +311,12 @@ def train_run(spec: dict) -> dict:
         disable_tqdm=not sys.stderr.isatty() and not os.environ.get("LORAPLACE_PROGRESS"),
     )
     curves: dict = {"train": [], "eval": [], "last_eval": None}
-    timing = {"eval_s": 0.0}
+    timing = {"eval_s": 0.0, "checkpoint_s": 0.0, "checkpoints": 0}
+    resume = checkpoints.latest(run_dir, key)
+    before_s = 0.0  # training time before the checkpoint resumed from
+    if resume:
+        curves.update(resume.manifest["curves"])
+        before_s = resume.manifest["train_s"]
     trainer = (_chunked_trainer(fused_head, onednn_head) if packed else Trainer)(
         model=model,
         args=args,
@@ -303,11 +325,27 @@ def train_run(spec: dict) -> dict:
         callbacks=[_callback(evaluate, curves, timing)],
     )
     trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
+
+    def train_s() -> float:
+        spent = time.perf_counter() - start - timing["eval_s"] - timing["checkpoint_s"]
+        return before_s + spent
+
+    every_s = cfg.checkpoint_minutes * 60 if cfg.checkpoint_minutes else None
+    if cfg.checkpoint_every or every_s:
+        trainer.add_callback(
+            checkpoints.checkpointer(
+                trainer, run_dir, key, cfg.checkpoint_every, every_s, curves, timing, train_s
+            )
+        )
+    if faults.callback(injected):
+        trainer.add_callback(faults.callback(injected))
+    if resume:
+        print(f"  resumed from step {resume.step} ({resume.path})", flush=True)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer.train()
-    train_time_s = time.perf_counter() - start - timing["eval_s"]
+    trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    train_time_s = train_s()
 
     per_example = curves.pop("last_eval") or evaluate()
     eval_loss = token_weighted(per_example)
@@ -315,7 +353,9 @@ def train_run(spec: dict) -> dict:
         raise FloatingPointError(f"eval loss is {eval_loss}")
     base_eval_loss = token_weighted(base_per_example)
     trained_tokens = sum(len(e.input_ids) for e in train_set) * cfg.epochs
-    model.save_pretrained(str(run_dir / "adapter"), safe_serialization=True)
+    checkpoints.write_dir_atomically(
+        run_dir / "adapter", lambda d: model.save_pretrained(str(d), safe_serialization=True)
+    )
     generations = (
         greedy_generations(model, tokenizer, prompts, cfg.max_new_tokens, device, cfg.max_length)
         if prompts
@@ -331,7 +371,10 @@ def train_run(spec: dict) -> dict:
             "peak_memory_mb": peak_memory_mb(device),
             "tokens_per_s": trained_tokens / train_time_s,
             "optimizer_steps": trainer.state.global_step,
+            "checkpoints": timing["checkpoints"],
+            "checkpoint_s": timing["checkpoint_s"],
         },
+        "resumed_from_step": resume.step if resume else None,
         "per_example": {
             "loss_sum": [s for s, _ in per_example],
             "tokens": [n for _, n in per_example],
@@ -389,15 +432,49 @@ def run_spec_file(spec_path: Path) -> int:
         **environment(),
     }
     try:
+        faults.limit_file_size(faults.for_run(spec["strategy"]["name"], spec["seed"]))
         result.update(train_run(spec))
         result["status"] = "ok"
     except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as err:
         result["error"] = f"{type(err).__name__}: {err}"
+    except OSError as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+        if err.errno not in DISK_FULL:
+            result["traceback"] = traceback.format_exc()
     except Exception as err:  # recorded so the study goes on; the traceback is kept for bugs
         result["error"] = f"{type(err).__name__}: {err}"
-        result["traceback"] = traceback.format_exc()
-    write_json(spec_path.parent / "result.json", result)
+        if memory_exhausted():  # a library that reports a failed allocation in its own words
+            result["error"] = f"out of memory ({result['error']})"
+        else:
+            result["traceback"] = traceback.format_exc()
+    write_result(spec_path.parent / "result.json", result)
+    if result["status"] == "ok" and not spec["config"].get("keep_checkpoints"):
+        checkpoints.clear(spec_path.parent)
     return 0 if result["status"] == "ok" else 1
+
+
+def memory_exhausted(headroom_mb: int = 256) -> bool:
+    """Whether this process is out of memory now: within `headroom_mb` of its address-space
+    limit where it has one, else unable to get that much more. Libraries report a failed
+    allocation in their own words (oneDNN: "could not create a primitive")."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * resource.getpagesize()
+            return soft - used < headroom_mb * 2**20
+        except (OSError, ValueError):
+            pass
+    try:
+        bytearray(headroom_mb * 2**20)
+    except MemoryError:
+        return True
+    return False
+
+
+# A write that failed for want of room (a full disk or quota, or a file-size limit): the run's
+# reason, not a bug
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def serve(commands, replies) -> None:
@@ -413,6 +490,8 @@ def serve(commands, replies) -> None:
     peak memory adds what only this process holds while the run is alive (`peak_memory_mb`).
     """
     global SERVER
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the study stops the run, not this
     _preload()
     gc.freeze()  # what the imports made stays untouched by the children's collections
     for line in commands:
@@ -421,6 +500,8 @@ def serve(commands, replies) -> None:
         if pid == 0:  # the run
             code, SERVER = 1, os.getppid()
             try:
+                die_with_parent()
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 os.environ.clear()
                 os.environ.update(job["env"])
                 limit_onednn_caches()  # the study's environment may not have them
@@ -474,4 +555,8 @@ if __name__ == "__main__":
         with os.fdopen(int(sys.argv[2]), "w") as reply_pipe:
             serve(sys.stdin, reply_pipe)
         sys.exit(0)
-    sys.exit(run_spec_file(Path(sys.argv[1])))
+    die_with_parent()
+    try:
+        sys.exit(run_spec_file(Path(sys.argv[1])))
+    except KeyboardInterrupt:  # Ctrl-C: the study says what to do; nothing was recorded
+        sys.exit(130)
