@@ -24,11 +24,14 @@ import yaml
 
 from loraplace.config import StudyConfig
 from loraplace.errors import UserError
+from loraplace.lock import acquire
 from loraplace.results import (
+    damaged_results,
     load_results,
     peak_memory_restartable,
     run_dir,
     write_json,
+    write_result,
     write_text,
 )
 from loraplace.strategies import Strategy, resolve, to_dict
@@ -213,8 +216,12 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         _start_worker()
     strategies = prepare(cfg)
     check_writable(out)
+    acquire(out, "study", log)  # until the CLI lets go (lock.release) or this process ends
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     existing = {(r["strategy"], r["seed"]): r for r in load_results(out)}
+    for path, why in damaged_results(out):
+        run = f"{path.parent.parent.name} {path.parent.name.replace('-', ' ')}"
+        log(f"{run}: result.json {why}; running it again")
     jobs = [(s, seed) for seed in cfg.seeds for s in strategies]
     todo = []
     for s, seed in jobs:
@@ -247,12 +254,16 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         (folder / "result.json").unlink(missing_ok=True)
         write_json(folder / "spec.json", spec)
         t0 = time.perf_counter()
-        code = run_spec(
-            folder / "spec.json", _env(cfg, out, f"{name}-seed-{seed}"), cfg.reuse_process
-        )
+        try:
+            code = run_spec(
+                folder / "spec.json", _env(cfg, out, f"{name}-seed-{seed}"), cfg.reuse_process
+            )
+        except KeyboardInterrupt:  # Ctrl-C: stop the run (it dies with its server), record nothing
+            _close_worker(timeout=0)
+            raise
         durations.append(time.perf_counter() - t0)
         if not (folder / "result.json").is_file():  # the process died before it could say why
-            write_json(
+            write_result(
                 folder / "result.json",
                 {
                     "status": "failed",
@@ -265,5 +276,7 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
             )
         result = json.loads((folder / "result.json").read_text())
         status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
-        log(f"  {name} seed {seed}: {status} ({_fmt(durations[-1])})")
+        resumed = result.get("resumed_from_step")
+        since = f", resumed from step {resumed}" if resumed is not None else ""
+        log(f"  {name} seed {seed}: {status} ({_fmt(durations[-1])}{since})")
     return load_results(out)
