@@ -237,7 +237,7 @@ def _resume_hint(args, argv: list[str] | None) -> str:
     import shlex
 
     command = shlex.join(["loraplace", *(sys.argv[1:] if argv is None else argv)])
-    return f"; finished runs are kept, and this carries on from the last checkpoint: {command}"
+    return f"; finished runs and checkpoints are kept; carry on with: {command}"
 
 
 def main(argv: list[str] | None = None) -> int:
