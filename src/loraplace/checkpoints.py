@@ -110,7 +110,7 @@ def latest(run_dir: Path, key: str, log=print) -> Checkpoint | None:
     remove_leftovers(run_dir)
     if not found:
         return None
-    newest, *_ = reversed(found)
+    newest = found[-1]
     for older in found[:-1]:
         shutil.rmtree(older, ignore_errors=True)
     try:
@@ -125,9 +125,15 @@ def latest(run_dir: Path, key: str, log=print) -> Checkpoint | None:
 
 
 def remove_leftovers(run_dir: Path) -> None:
-    """Temporary folders of checkpoints whose writing was cut short."""
-    for tmp in Path(run_dir).glob(f".{PREFIX}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """What writes cut short left in the run's folder (checkpoints, the adapter, result files:
+    temporary `.NAME.*.tmp` entries, and `.NAME.old-PID` folders not yet deleted). Only one
+    process writes a run's folder at a time (the study's lock), so none of them is in use."""
+    for tmp in Path(run_dir).glob(".*"):
+        if tmp.name.endswith(".tmp") or ".old-" in tmp.name:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def clear(run_dir: Path) -> None:
