@@ -309,6 +309,8 @@ def _start_study(model: Path, out: Path, *extra) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # Ctrl-C reaches it even where this test runs with SIGINT ignored (a background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -374,3 +376,27 @@ def test_checkpoints_by_time_only_the_latest_kept_on_request(capsys, tiny_gpt2_d
     assert done["metrics"]["checkpoints"] == 5  # after every step but the last
     kept = [p.name for p in (out / "runs/full/seed-42").glob("checkpoint-*")]
     assert kept == ["checkpoint-5"]
+
+
+def test_a_checkpoint_cut_short_is_never_resumed(tmp_path):
+    """A kill while a checkpoint is written leaves a temporary folder, never a checkpoint-N."""
+    from loraplace.checkpoints import MANIFEST, latest, write_dir_atomically
+
+    def good(step: int):
+        def fill(folder: Path) -> None:
+            (folder / MANIFEST).write_text(json.dumps({"key": "k", "step": step}))
+
+        return fill
+
+    def cut_short(folder: Path) -> None:
+        (folder / "optimizer.pt").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    write_dir_atomically(tmp_path / "checkpoint-2", good(2))
+    with pytest.raises(OSError):
+        write_dir_atomically(tmp_path / "checkpoint-4", cut_short)
+    (tmp_path / ".checkpoint-6.x.tmp").mkdir()  # as a kill -9 mid-write leaves it
+    (tmp_path / ".adapter.y.tmp").mkdir()
+    found = latest(tmp_path, "k", log=lambda line: None)
+    assert found is not None and found.step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
