@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: install demo test test-fast bench lint clean browser
+.PHONY: install demo test test-fast test-faults bench lint clean browser
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ browser:
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 	$(AVX2_ONLY) $(BIN)/python -m pytest -q -m "not slow" $(HARDWARE_TESTS)
+
+# The fault suite alone (README, "What survives what"); `make test` runs it too.
+test-faults: install
+	$(BIN)/python -m pytest -q tests/test_faults.py
 
 # The seed-size offline study, the plain way and loraplace's way, side by side (about 40 min here).
 bench: install

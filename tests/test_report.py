@@ -55,7 +55,7 @@ def test_report_rebuilds_from_old_and_failed_results(tiny_study, tmp_path, capsy
         (out / name).unlink()
     old = out / "runs/attention/seed-1/result.json"  # an earlier version: no per-example losses
     data = json.loads(old.read_text())
-    del data["per_example"]
+    del data["per_example"], data["checksum"]  # nor a checksum (else it reads as edited)
     old.write_text(json.dumps(data))
     failed = out / "runs/ffn/seed-2/result.json"
     failed.write_text(

@@ -51,12 +51,16 @@ def cmd_plan(args) -> int:
 
 
 def cmd_study(args) -> int:
+    from loraplace.lock import release
     from loraplace.report import build
     from loraplace.runner import run_study
 
     cfg = _study_config(args)
-    results = run_study(cfg, args.out, log=lambda line: print(line, flush=True))
-    paths = build(args.out)
+    try:  # run_study takes OUT's lock; the report is built under it too
+        results = run_study(cfg, args.out, log=lambda line: print(line, flush=True))
+        paths = build(args.out)
+    finally:
+        release(args.out)
     print()
     print(_summary_text(paths["summary.csv"]))
     print(
@@ -90,9 +94,15 @@ def _summary_text(csv_path) -> str:
 
 
 def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from loraplace.lock import holding
     from loraplace.report import build
 
-    paths = build(args.out, args.reference, args.compare)
+    if not Path(args.out).is_dir():  # build() says so in its own words
+        build(args.out)
+    with holding(args.out, "report"):
+        paths = build(args.out, args.reference, args.compare)
     print(_summary_text(paths["summary.csv"]))
     print(f"\nreport: {paths['report.html']} and {paths['report.md']}")
     return 0
@@ -224,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_hint(args, argv: list[str] | None) -> str:
+    """For a study stopped by Ctrl-C: the command that carries on where it stopped."""
+    if args.command != "study":
+        return ""
+    import shlex
+
+    command = shlex.join(["loraplace", *(sys.argv[1:] if argv is None else argv)])
+    return f"; finished runs and checkpoints are kept; carry on with: {command}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -233,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loraplace: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("loraplace: interrupted", file=sys.stderr)
+        print(f"loraplace: interrupted{_resume_hint(args, argv)}", file=sys.stderr)
         return 130
 
 

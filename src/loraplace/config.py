@@ -69,6 +69,14 @@ class StudyConfig:
     # accumulation; adapters, optimizer, evaluation stay float32). auto: on CPUs that multiply
     # bfloat16 natively (AVX-512 BF16, AMX), float32 elsewhere (README, Performance)
     product_dtype: str = "auto"  # auto | float32 | bfloat16
+    # mid-run checkpoints (checkpoints.py): every N optimizer steps and/or every M minutes of
+    # training, whichever comes first; None turns that form off. The default, 5 minutes, writes
+    # none in runs shorter than that (nothing to lose worth the write) and bounds what a kill
+    # costs a longer run; a checkpoint of the embedded model's `full` adapter takes well under a
+    # second (docs/faults.md)
+    checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = 5.0
+    keep_checkpoints: bool = False  # keep the last one after the run finishes
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None
     eval_batch_size: int = 4
@@ -96,7 +104,7 @@ CHOICES = {
     "scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
 }
 POSITIVE = ("rank", "epochs", "batch_size", "grad_accum", "lr", "max_length", "eval_batch_size")
-POSITIVE_OR_NONE = ("pack_tokens", "threads")
+POSITIVE_OR_NONE = ("pack_tokens", "threads", "checkpoint_every")
 AUTO_OR_BOOL = ("onednn", "onednn_head")  # "auto" is stored as None
 FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
 
@@ -153,6 +161,10 @@ def _validate(cfg: StudyConfig) -> None:
             raise UserError(
                 f"config key {key!r} must be positive or null, got {getattr(cfg, key)!r}"
             )
+    if cfg.checkpoint_minutes is not None and not cfg.checkpoint_minutes > 0:
+        raise UserError(
+            f"config key 'checkpoint_minutes' must be positive or null, got {cfg.checkpoint_minutes!r}"
+        )
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
         raise UserError("dropout and warmup_ratio must be in [0, 1)")
     if not cfg.seeds:

@@ -21,7 +21,13 @@ import yaml
 
 from loraplace import plots, stats
 from loraplace.errors import UserError
-from loraplace.results import SUMMARY_COLUMNS, load_results, summary_rows, write_text
+from loraplace.results import (
+    SUMMARY_COLUMNS,
+    damaged_results,
+    load_results,
+    summary_rows,
+    write_text,
+)
 
 HYPERPARAMETERS = (
     "rank",
@@ -145,9 +151,15 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
     if not out.is_dir():
         raise UserError(f"results folder {str(out)!r} does not exist")
     results = load_results(out)
+    damaged = [
+        f"{p.parent.parent.name} {p.parent.name.replace('-', ' ')}: result.json {why}"
+        for p, why in damaged_results(out)
+    ]
     if not results:
+        also = f" ({'; '.join(damaged)})" if damaged else ""
         raise UserError(
-            f"no run results under {str(out / 'runs')!r}; run `loraplace study --out {out}` first"
+            f"no run results under {str(out / 'runs')!r}{also}; run `loraplace study --out {out}` "
+            "first"
         )
     config = _read_config(out)
     order = [s.split("=")[0].strip() for s in config.get("strategies", [])]
@@ -202,6 +214,11 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
     fallbacks = sorted({f"{n['switch']} ({n['why']})" for r in ok for n in r.get("fallbacks", [])})
     if fallbacks:
         notes.append("Fast paths that fell back to the plain path here: " + "; ".join(fallbacks))
+    if damaged:
+        notes.append(
+            "Damaged result files (left out of every table; `loraplace study` runs them again): "
+            + "; ".join(damaged)
+        )
     if missing:
         notes.append("Missing runs (no result file yet): " + ", ".join(missing))
     if old:

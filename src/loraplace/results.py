@@ -1,11 +1,13 @@
 """Results as data: atomic writes, run discovery, and the summary table built from result files.
 
-write_json(path, obj)                    # never leaves a half-written file
+write_json(path, obj)                    # never leaves a half-written file; umask's mode
+write_result(path, result)               # and a checksum, so later changes are noticed
 rows = summary_rows(load_results(out))   # one dict per run, the columns of summary.csv
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -50,6 +52,25 @@ def restart_peak_memory() -> bool:
         return False
 
 
+def die_with_parent() -> bool:
+    """Linux: this process gets SIGKILL when the one that started it ends (a study killed with
+    kill -9 takes its server and its run along, instead of leaving them writing into a folder
+    the next study takes over). False where that cannot be arranged."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # it ended before the call above took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
 def private_memory_mb(pid: int) -> float:
     """What only process `pid` holds (its private pages), in MB; 0.0 where that is unknown."""
     try:
@@ -60,30 +81,77 @@ def private_memory_mb(pid: int) -> float:
     return kb / 2**10
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers see old or new, never half."""
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else by
+    setting it and putting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: readers see old or new, never
+    half. The file gets the permissions the user's umask gives a new file (mkstemp's own are
+    0600, which a teammate on a shared folder cannot read); nothing is left if writing fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write atomically (see `write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=1, default=str, allow_nan=True) + "\n")
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def _checksum(result: dict) -> str:
+    body = {k: v for k, v in result.items() if k != "checksum"}
+    canonical = json.dumps(body, sort_keys=True, default=str, allow_nan=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def write_result(path: Path, result: dict) -> None:
+    """result.json with a checksum of its content, so a file changed afterwards is noticed."""
+    result = json.loads(json.dumps(result, default=str, allow_nan=True))  # as it will read back
+    write_json(path, result | {"checksum": _checksum(result)})
+
+
+def read_result(path: Path) -> tuple[dict | None, str | None]:
+    """(result, None), or (None, why it cannot be used): unreadable, truncated, not a run's
+    result, or changed after it was written. Results written before checksums are taken as is."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        return None, f"cannot be read ({err.strerror or err})"
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError as err:
+        kind = "is truncated" if err.pos >= len(text.rstrip()) else "is not valid JSON"
+        return None, f"{kind} ({err.msg} at line {err.lineno})"
+    if not isinstance(result, dict) or not {"strategy", "seed", "status"} <= result.keys():
+        return None, "is not a run result (strategy, seed or status missing)"
+    if "checksum" in result and result["checksum"] != _checksum(result):
+        return None, "was changed after it was written (its checksum does not match)"
+    return result, None
 
 
 def git_hash() -> str | None:
@@ -119,15 +187,20 @@ def run_dir(out: Path, strategy: str, seed: int) -> Path:
     return Path(out) / "runs" / strategy / f"seed-{seed}"
 
 
+def result_paths(out: Path) -> list[Path]:
+    return sorted(Path(out).glob("runs/*/seed-*/result.json"))
+
+
 def load_results(out: Path) -> list[dict]:
-    """Every readable result.json under OUT/runs, in a stable order."""
-    results = []
-    for path in sorted(Path(out).glob("runs/*/seed-*/result.json")):
-        try:
-            results.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    return results
+    """Every usable result.json under OUT/runs, in a stable order (see `damaged_results`)."""
+    found = (read_result(path)[0] for path in result_paths(out))
+    return [r for r in found if r is not None]
+
+
+def damaged_results(out: Path) -> list[tuple[Path, str]]:
+    """Result files that cannot be used, each with why: the study runs them again."""
+    found = ((path, read_result(path)[1]) for path in result_paths(out))
+    return [(path, why) for path, why in found if why]
 
 
 def _nan_if_none(x):

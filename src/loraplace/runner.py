@@ -25,11 +25,14 @@ import yaml
 
 from loraplace.config import StudyConfig
 from loraplace.errors import UserError
+from loraplace.lock import acquire
 from loraplace.results import (
+    damaged_results,
     load_results,
     peak_memory_restartable,
     run_dir,
     write_json,
+    write_result,
     write_text,
 )
 from loraplace.strategies import Strategy, resolve, to_dict
@@ -46,6 +49,9 @@ NOT_RUN_KEYS = (
     "equal_budget",
     "reuse_base_eval",
     "reuse_process",
+    "checkpoint_every",  # where a run may stop and resume, not what it computes
+    "checkpoint_minutes",
+    "keep_checkpoints",
 )
 
 
@@ -248,8 +254,12 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     prepared = prepare(cfg)
     strategies = prepared.strategies
     check_writable(out)
+    acquire(out, "study", log)  # until the CLI lets go (lock.release) or this process ends
     write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     existing = {(r["strategy"], r["seed"]): r for r in load_results(out)}
+    for path, why in damaged_results(out):
+        run = f"{path.parent.parent.name} {path.parent.name.replace('-', ' ')}"
+        log(f"{run}: result.json {why}; running it again")
     jobs = [(s, seed) for seed in cfg.seeds for s in strategies]
     todo = []
     for s, seed in jobs:
@@ -285,12 +295,16 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         (folder / "result.json").unlink(missing_ok=True)
         write_json(folder / "spec.json", spec)
         t0 = time.perf_counter()
-        code = run_spec(
-            folder / "spec.json", _env(cfg, out, f"{name}-seed-{seed}"), cfg.reuse_process
-        )
+        try:
+            code = run_spec(
+                folder / "spec.json", _env(cfg, out, f"{name}-seed-{seed}"), cfg.reuse_process
+            )
+        except KeyboardInterrupt:  # Ctrl-C: stop the run (it dies with its server), record nothing
+            _close_worker(timeout=0)
+            raise
         durations.append(time.perf_counter() - t0)
         if not (folder / "result.json").is_file():  # the process died before it could say why
-            write_json(
+            write_result(
                 folder / "result.json",
                 {
                     "status": "failed",
@@ -303,7 +317,9 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
             )
         result = json.loads((folder / "result.json").read_text())
         status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
-        log(f"  {name} seed {seed}: {status} ({_fmt(durations[-1])})")
+        resumed = result.get("resumed_from_step")
+        since = f", resumed from step {resumed}" if resumed is not None else ""
+        log(f"  {name} seed {seed}: {status} ({_fmt(durations[-1])}{since})")
     wanted = {(s.name, seed) for s, seed in jobs}
     return [r for r in load_results(out) if (r["strategy"], r["seed"]) in wanted]
 

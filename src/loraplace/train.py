@@ -10,6 +10,8 @@ shared token-weighted evaluation, and records curves, time, throughput and peak 
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import gc
 import hashlib
 import json
@@ -17,6 +19,7 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
 import traceback
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraplace import __version__
+from loraplace import __version__, checkpoints, faults
 from loraplace.config import StudyConfig
 from loraplace.data import (
     Collator,
@@ -40,7 +43,14 @@ from loraplace.data import (
 from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
 from loraplace.hardware import remembered_check
 from loraplace.kernels import limit_onednn_caches
-from loraplace.results import environment, private_memory_mb, restart_peak_memory, write_json
+from loraplace.results import (
+    die_with_parent,
+    environment,
+    private_memory_mb,
+    restart_peak_memory,
+    write_json,
+    write_result,
+)
 
 
 def release_freed_memory() -> bool:
@@ -338,10 +348,14 @@ def train_run(spec: dict) -> dict:
     from loraplace.kernels import accelerate
     from loraplace.placement import place
     from loraplace.roles import classify
+    from loraplace.runner import run_settings
     from loraplace.strategies import from_dict
 
     cfg = StudyConfig(**spec["config"])
     strategy, seed, run_dir = from_dict(spec["strategy"]), spec["seed"], Path(spec["run_dir"])
+    injected = faults.for_run(strategy.name, seed)  # the fault suite's, else nothing
+    if "lr" in injected:
+        cfg = dataclasses.replace(cfg, lr=float(injected["lr"]))
     phases, notes = Phases(), Notes()
     paths = run_paths(spec, cfg)
     device = paths["device"]
@@ -360,7 +374,7 @@ def train_run(spec: dict) -> dict:
     eval_head = None
     if eval_packed and head["blocks"]:  # no whole logits; the same for every run
         eval_head = "onednn" if head["onednn"][0] else "blocks"
-    timing = {"eval_s": 0.0}
+    timing = {"eval_s": 0.0, "checkpoint_s": 0.0, "checkpoints": 0}
 
     def evaluate():
         start = time.perf_counter()
@@ -396,6 +410,14 @@ def train_run(spec: dict) -> dict:
             )
 
     curves: dict = {"train": [], "eval": [], "last_eval": None}
+    key = checkpoints.run_key(
+        run_settings(cfg.to_dict()), spec["strategy"], seed, [e.input_ids for e in sets["train"]]
+    )
+    resume = checkpoints.latest(run_dir, key)
+    before_s = 0.0  # training time before the checkpoint resumed from
+    if resume:
+        curves.update(resume.manifest["curves"])
+        before_s = resume.manifest["train_s"]
     trainer = (_chunked_trainer(fused_head, head_libraries) if packed else Trainer)(
         model=model,
         args=_training_args(cfg, run_dir, seed, strategy.name, device),
@@ -404,12 +426,29 @@ def train_run(spec: dict) -> dict:
         callbacks=[_callback(evaluate, curves)],
     )
     trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
+    eval_before, start = timing["eval_s"], time.perf_counter()
+
+    def train_s() -> float:
+        evals = timing["eval_s"] - eval_before
+        return before_s + time.perf_counter() - start - evals - timing["checkpoint_s"]
+
+    every_s = cfg.checkpoint_minutes * 60 if cfg.checkpoint_minutes else None
+    if cfg.checkpoint_every or every_s:
+        trainer.add_callback(
+            checkpoints.checkpointer(
+                trainer, run_dir, key, cfg.checkpoint_every, every_s, curves, timing, train_s
+            )
+        )
+    if faults.callback(injected):
+        trainer.add_callback(faults.callback(injected))
+    if resume:
+        print(f"  resumed from step {resume.step} ({resume.path})", flush=True)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    eval_before = timing["eval_s"]
+    start = time.perf_counter()
     with phases("train"):
-        trainer.train()
-    train_time_s = phases["train"] - (timing["eval_s"] - eval_before)
+        trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    train_time_s = train_s()
     phases["epoch_evals"] = timing["eval_s"] - eval_before
 
     per_example = curves.pop("last_eval") or evaluate()
@@ -419,7 +458,9 @@ def train_run(spec: dict) -> dict:
     base_eval_loss = token_weighted(base_per_example)
     trained_tokens = sum(len(e.input_ids) for e in sets["train"]) * cfg.epochs
     with phases("save"):
-        model.save_pretrained(str(run_dir / "adapter"), safe_serialization=True)
+        checkpoints.write_dir_atomically(
+            run_dir / "adapter", lambda d: model.save_pretrained(str(d), safe_serialization=True)
+        )
     generations = []
     if prompts:
         with phases("generations"):
@@ -436,7 +477,10 @@ def train_run(spec: dict) -> dict:
             "peak_memory_mb": peak_memory_mb(device),
             "tokens_per_s": trained_tokens / train_time_s,
             "optimizer_steps": trainer.state.global_step,
+            "checkpoints": timing["checkpoints"],
+            "checkpoint_s": timing["checkpoint_s"],
         },
+        "resumed_from_step": resume.step if resume else None,
         "per_example": {
             "loss_sum": [s for s, _ in per_example],
             "tokens": [n for _, n in per_example],
@@ -500,15 +544,49 @@ def run_spec_file(spec_path: Path) -> int:
         **environment(),
     }
     try:
+        faults.limit_file_size(faults.for_run(spec["strategy"]["name"], spec["seed"]))
         result.update(train_run(spec))
         result["status"] = "ok"
     except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as err:
         result["error"] = f"{type(err).__name__}: {err}"
+    except OSError as err:
+        result["error"] = f"{type(err).__name__}: {err}"
+        if err.errno not in DISK_FULL:
+            result["traceback"] = traceback.format_exc()
     except Exception as err:  # recorded so the study goes on; the traceback is kept for bugs
         result["error"] = f"{type(err).__name__}: {err}"
-        result["traceback"] = traceback.format_exc()
-    write_json(spec_path.parent / "result.json", result)
+        if memory_exhausted():  # a library that reports a failed allocation in its own words
+            result["error"] = f"out of memory ({result['error']})"
+        else:
+            result["traceback"] = traceback.format_exc()
+    write_result(spec_path.parent / "result.json", result)
+    if result["status"] == "ok" and not spec["config"].get("keep_checkpoints"):
+        checkpoints.clear(spec_path.parent)
     return 0 if result["status"] == "ok" else 1
+
+
+def memory_exhausted(headroom_mb: int = 256) -> bool:
+    """Whether this process is out of memory now: within `headroom_mb` of its address-space
+    limit where it has one, else unable to get that much more. Libraries report a failed
+    allocation in their own words (oneDNN: "could not create a primitive")."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * resource.getpagesize()
+            return soft - used < headroom_mb * 2**20
+        except (OSError, ValueError):
+            pass
+    try:
+        bytearray(headroom_mb * 2**20)
+    except MemoryError:
+        return True
+    return False
+
+
+# A write that failed for want of room (a full disk or quota, or a file-size limit): the run's
+# reason, not a bug
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def serve(commands, replies) -> None:
@@ -524,6 +602,8 @@ def serve(commands, replies) -> None:
     peak memory adds what only this process holds while the run is alive (`peak_memory_mb`).
     """
     global SERVER
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the study stops the run, not this
     _preload()
     gc.freeze()  # what the imports made stays untouched by the children's collections
     for line in commands:
@@ -532,6 +612,8 @@ def serve(commands, replies) -> None:
         if pid == 0:  # the run
             code, SERVER = 1, os.getppid()
             try:
+                die_with_parent()
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 os.environ.clear()
                 os.environ.update(job["env"])
                 limit_onednn_caches()  # the study's environment may not have them
@@ -585,4 +667,8 @@ if __name__ == "__main__":
         with os.fdopen(int(sys.argv[2]), "w") as reply_pipe:
             serve(sys.stdin, reply_pipe)
         sys.exit(0)
-    sys.exit(run_spec_file(Path(sys.argv[1])))
+    die_with_parent()
+    try:
+        sys.exit(run_spec_file(Path(sys.argv[1])))
+    except KeyboardInterrupt:  # Ctrl-C: the study says what to do; nothing was recorded
+        sys.exit(130)
