@@ -168,6 +168,8 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
                 cfg,
                 strategies=[s.name] if not s.rank_by_role else cfg.strategies,
                 generations=0,
+                checkpoint_minutes=None,  # both paths: training speed, not checkpoint writes
+                checkpoint_every=None,
                 report_to=[],
                 **extra,
             )
