@@ -16,6 +16,15 @@ from loraplace.scores import score_modules
 from loraplace.strategies import format_strategy, parse_strategy
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread avoids OpenMP waits that dominate on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _examples(n: int = 5) -> list[Example]:
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -109,3 +118,68 @@ def test_advise_unknown_score_is_one_sentence(tiny_gpt2_dir, capsys):
         == 2
     )
     assert "unknown score" in capsys.readouterr().err
+
+
+def _result(name: str, seed: int, gain: float, per_example: list[float]) -> dict:
+    return {
+        "strategy": name,
+        "seed": seed,
+        "status": "ok",
+        "metrics": {"base_eval_loss": 2.0, "eval_loss": 2.0 - gain},
+        "per_example": {"loss_sum": per_example, "tokens": [10] * len(per_example)},
+    }
+
+
+def test_validation_ranks_a_perfect_score_first_and_its_inverse_last():
+    from loraplace.validate import analyze, render_validation
+
+    names = ["a", "b", "c", "d"]
+    true_gain = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}
+    advice = {
+        "budget": 1000,
+        "candidates": [
+            {
+                "name": n,
+                "strategy": f"{n}=mlp",
+                "trainable_params": 1000,
+                # grad follows the gains, plop inverts them, lora_b says what params says
+                "predicted": {"grad": g, "plop": -g, "lora_b": i % 2, "params": i % 2},
+            }
+            for i, (n, g) in enumerate(true_gain.items())
+        ],
+    }
+    results = [
+        _result(n, seed, g + 0.01 * seed, [10 * (2 - g) + 0.1 * k * seed for k in range(6)])
+        for n, g in true_gain.items()
+        for seed in (1, 2, 3)
+    ]
+    report = analyze(advice, results, names)
+    rules = {r["rule"]: r for r in report["rules"]}
+    assert report["best"] == "a"
+    assert rules["grad"]["spearman"] == pytest.approx(1.0) and rules["grad"]["regret"] == 0
+    assert rules["plop"]["spearman"] == pytest.approx(-1.0) and rules["plop"]["recommends"] == "d"
+    assert rules["inverted plop"]["regret"] == 0 and rules["plop"]["regret"] > 0
+    assert rules["random (expected)"]["regret"] > 0
+    assert "beat parameter count" in report["verdicts"]["grad"]
+    assert "lost to parameter count" in report["verdicts"]["plop"]
+    assert "not resolved" in report["verdicts"]["lora_b"]
+    assert "| grad | a | 1.00 |" in render_validation(report)
+
+
+@pytest.mark.slow
+def test_validate_end_to_end_on_a_tiny_model(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "val"
+    argv = ["advise", "--validate", "--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD),
+            "--train-split", "train[:4]", "--eval-split", "train[100:104]", "--epochs", "1",
+            "--seed", "1", "--seed", "2", "--examples", "4", "--candidates", "full,attention,ffn",
+            "--set", "max_length=32", "--set", "generations=0", "--set", "rank=2",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    report = json.loads((out / "validation.json").read_text())
+    assert [c["name"] for c in report["candidates"]] == ["attention", "ffn", "full"]
+    assert len({c["trainable_params"] for c in report["candidates"]}) <= 3
+    assert (out / "validation.md").read_text().strip() in text
+    assert {"grad", "params", "always full", "random (expected)"} <= {
+        r["rule"] for r in report["rules"]
+    }

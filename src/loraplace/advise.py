@@ -200,7 +200,7 @@ def run_advise(
         s: [c.strategy.name for c in sorted(cands, key=lambda c: -c.predicted[s])] for s in SCORES
     }
     chosen = recommend(cands, score)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "model": source.name,
         "data": data,
@@ -234,7 +234,8 @@ def run_advise(
             "wall_s": time.perf_counter() - start,
             "load_s": loaded - start,
             "score_s": scored - loaded,
-            "peak_memory_mb": rss,
+            "cpu_s": usage.ru_utime + usage.ru_stime,  # the machine may be shared
+            "peak_memory_mb": usage.ru_maxrss / 2**10,
         },
     }
 
@@ -279,7 +280,8 @@ def render(report: dict) -> str:
         "",
         f"recommended by {report['score']} ({report['recommended_params']:,} parameters):",
         f"  --strategy '{report['recommended']}'",
-        f"cost: {cost['wall_s']:.1f} s ({cost['score_s']:.1f} s scoring), peak memory "
+        f"cost: {cost['wall_s']:.1f} s ({cost['score_s']:.1f} s scoring, {cost['cpu_s']:.0f} CPU s), "
+        "peak memory "
         f"{cost['peak_memory_mb']:,.0f} MB",
     ]
     return "\n".join(lines)

@@ -89,7 +89,7 @@ def score_modules(
     examples: list[Example],
     modules: list[LinearModule],
     pad_token_id: int = 0,
-    max_tokens: int = 1024,
+    max_tokens: int = 512,
     seed: int = 0,
 ) -> dict[str, ModuleScore]:
     """Score every module with a role (not `other`) on `examples`; see the module docstring.
@@ -158,6 +158,8 @@ def score_modules(
         for h in handles:
             h.remove()
     result = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small eigenproblems: on a busy CPU, 2 threads ran 10x slower
     for i, m in enumerate(scored):
         layer = layers[m.path]
         grad = _weight_out_in(layer, layer.weight.grad.detach()).float().cpu()
@@ -168,6 +170,7 @@ def score_modules(
             grad_spectrum(grad),
             lora_b_spectrum(grad, seed + i),
         )
+    torch.set_num_threads(threads)
     for name, p in model.named_parameters():
         p.requires_grad_(was_grad[name])
     return result

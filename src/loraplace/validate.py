@@ -68,25 +68,42 @@ def regret(examples: dict, best: str, chosen: str) -> tuple[float, float]:
     return float(mean), float(mean / se) if se > 0 else math.inf
 
 
-def correlations(predicted: np.ndarray, gain: np.ndarray, rng: np.random.Generator) -> dict:
-    """Spearman and Kendall between a score and the mean gain, with seed-bootstrap intervals.
+def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho (ties get mean ranks) between x (n,) and each row of y (..., n);
+    nan where either side is constant."""
+    rx, ry = sps.rankdata(x), sps.rankdata(y, axis=-1)
+    rx, ry = rx - rx.mean(), ry - ry.mean(axis=-1, keepdims=True)
+    den = np.sqrt((rx**2).sum() * (ry**2).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (ry @ rx) / den
 
-    gain: (candidates, seeds). Returns the point values and their bootstrap samples.
+
+def _kendall(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall's tau-b between x (n,) and each row of y (..., n); nan where either is constant."""
+    i, j = np.triu_indices(len(x), k=1)
+    sx, sy = np.sign(x[i] - x[j]), np.sign(y[..., i] - y[..., j])
+    den = np.sqrt((sx != 0).sum() * (sy != 0).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sy @ sx) / den
+
+
+def correlations(predicted: np.ndarray, gain: np.ndarray, rng: np.random.Generator) -> dict:
+    """Spearman and Kendall between a score and the mean gain, with seed-bootstrap samples.
+
+    gain: (candidates, seeds). Resamples the seeds with replacement N_BOOT times; a resample
+    where the score or the gains are constant counts as 0 correlation.
     """
     mean = gain.mean(axis=1)
-    out = {
-        "spearman": float(sps.spearmanr(predicted, mean).statistic),
-        "kendall": float(sps.kendalltau(predicted, mean).statistic),
+    draws = rng.integers(0, gain.shape[1], size=(N_BOOT, gain.shape[1]))
+    boot_means = gain[:, draws].mean(axis=2).T  # (N_BOOT, candidates)
+    return {
+        "spearman": float(_spearman(predicted, mean)),
+        "kendall": float(_kendall(predicted, mean)),
+        "boot": {
+            "spearman": np.nan_to_num(_spearman(predicted, boot_means)),
+            "kendall": np.nan_to_num(_kendall(predicted, boot_means)),
+        },
     }
-    n_seeds = gain.shape[1]
-    draws = rng.integers(0, n_seeds, size=(N_BOOT, n_seeds))
-    boot = {"spearman": [], "kendall": []}
-    for idx in draws:
-        m = gain[:, idx].mean(axis=1)
-        boot["spearman"].append(sps.spearmanr(predicted, m).statistic)
-        boot["kendall"].append(sps.kendalltau(predicted, m).statistic)
-    out["boot"] = {k: np.nan_to_num(np.array(v)) for k, v in boot.items()}
-    return out
 
 
 def analyze(advice: dict, results: list[dict], names: list[str]) -> dict:
