@@ -55,7 +55,11 @@ def candidate_strategies(modules: list[LinearModule]) -> list[Strategy]:
 
 
 def at_budget(modules: list[LinearModule], strategy: Strategy, budget: int) -> Strategy:
-    return replace(strategy, rank_by_role=solve_ranks(modules, strategy, budget))
+    """The strategy with per-role ranks solved to `budget`, naming only roles this model has."""
+    ranks = solve_ranks(modules, strategy, budget)
+    return replace(
+        strategy, roles=tuple(r for r in strategy.roles if r in ranks), rank_by_role=ranks
+    )
 
 
 def predict(placement: Placement, scores: dict[str, ModuleScore], alpha: float) -> dict[str, float]:
@@ -179,7 +183,11 @@ def run_advise(
     if budget < 1:
         raise UserError(f"the budget must be a positive number of parameters, got {budget}")
     batch = tokenize(rows, tokenizer, max_length, loss_on)
-    scores = score_modules(model, batch, modules, tokenizer.pad_token_id, seed=seed)
+    solved = [at_budget(modules, s, budget) for s in candidate_strategies(modules)]
+    max_rank = max([rank] + [r for s in solved for r in s.rank_by_role.values()])
+    scores = score_modules(
+        model, batch, modules, tokenizer.pad_token_id, seed=seed, max_rank=max_rank
+    )
     scored = time.perf_counter()
     minimal = {
         s.name: place(modules, s, 1, bias).trainable_params for s in candidate_strategies(modules)

@@ -64,12 +64,16 @@ def grad_spectrum(grad: torch.Tensor) -> tuple[float, ...]:
     return _cumulative(eig)
 
 
-def lora_b_spectrum(grad_out_in: torch.Tensor, seed: int) -> tuple[float, ...]:
-    """Cumulative ||G a_i||^2 over the rows a_i of a PEFT-style A with min(out, in) rows."""
+def lora_b_spectrum(
+    grad_out_in: torch.Tensor, seed: int, max_rank: int | None = None
+) -> tuple[float, ...]:
+    """Cumulative ||G a_i||^2 over the rows a_i of a PEFT-style A with min(out, in, max_rank)
+    rows."""
     out_f, in_f = grad_out_in.shape
     gen = torch.Generator().manual_seed(seed)
     bound = 1 / in_f**0.5  # kaiming_uniform_(a=sqrt(5)), as PEFT initialises lora_A
-    a = (torch.rand(min(out_f, in_f), in_f, generator=gen) * 2 - 1) * bound  # (rank, in)
+    rows = min(out_f, in_f, max_rank or in_f)
+    a = (torch.rand(rows, in_f, generator=gen) * 2 - 1) * bound  # (rank, in)
     return _cumulative(((grad_out_in @ a.T) ** 2).sum(0))
 
 
@@ -91,6 +95,7 @@ def score_modules(
     pad_token_id: int = 0,
     max_tokens: int = 512,
     seed: int = 0,
+    max_rank: int | None = None,
 ) -> dict[str, ModuleScore]:
     """Score every module with a role (not `other`) on `examples`; see the module docstring.
 
@@ -101,6 +106,7 @@ def score_modules(
         pad_token_id: the tokenizer's pad token.
         max_tokens: tokens (padding included) per forward pass; bounds activation memory.
         seed: seeds the A matrices of the LoRA-B score.
+        max_rank: the highest rank the LoRA-B score is asked at (None: every rank).
 
     Returns:
         module path -> ModuleScore.
@@ -168,7 +174,7 @@ def score_modules(
             m,
             nfn_sum[m.path] / max(1, n_tokens),
             grad_spectrum(grad),
-            lora_b_spectrum(grad, seed + i),
+            lora_b_spectrum(grad, seed + i, max_rank),
         )
     torch.set_num_threads(threads)
     for name, p in model.named_parameters():
