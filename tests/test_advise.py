@@ -78,6 +78,9 @@ def test_rank_syntax_round_trips():
     assert (again.roles, again.layers, again.rank_by_role) == (s.roles, s.layers, s.rank_by_role)
     with pytest.raises(Exception, match="positive whole number"):
         parse_strategy("x=mlp.up:0")
+    plain = parse_strategy("top6=attn,mlp.down@top:6")  # strategies without ranks read as before
+    assert plain.rank_by_role == {} and plain.layers == "top:6" and "mlp.down" in plain.roles
+    assert parse_strategy("x=full:4@top:2").rank_by_role["mlp.up"] == 4
 
 
 def test_advise_recommendation_round_trips_through_plan(tiny_gpt2_dir, capsys):

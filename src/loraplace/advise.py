@@ -139,10 +139,10 @@ def run_advise(
     rank: int = 16,
     alpha: float = 32.0,
     bias: str = "none",
-    examples: int = 64,
+    examples: int = 16,
     max_length: int = 256,
     loss_on: str = "all",
-    score: str = "grad",
+    score: str = "lora_b",
     seed: int = 0,
     trust_remote_code: bool = False,
 ) -> dict:

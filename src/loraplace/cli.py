@@ -243,11 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", "-r", type=int, default=16, help="LoRA rank for the budget (16)")
     p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (32)")
     p.add_argument("--bias", choices=["none", "lora_only"], default="none")
-    p.add_argument("--examples", type=int, default=64, help="training examples to score on (64)")
+    p.add_argument("--examples", type=int, default=16, help="training examples to score on (16)")
     p.add_argument("--max-length", type=int, default=256, help="tokens per example (256)")
     p.add_argument("--loss-on", choices=["all", "response"], default="all")
     p.add_argument(
-        "--score", default="grad", help="score that picks the placement: grad, lora_b, plop, params"
+        "--score",
+        default="lora_b",
+        help="score that picks the placement: lora_b, grad, plop, params (lora_b: docs/advise.md)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
