@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import ALPACA_HEAD, DIALOGPT, tiny_model
@@ -69,6 +70,48 @@ def test_scores_equal_a_direct_computation(kind):
             assert got.grad_energy[k] == pytest.approx(sv2[:k].sum().item(), rel=1e-3, abs=1e-12)
         assert got.grad_energy[-1] == pytest.approx(grad.double().norm().item() ** 2, rel=1e-4)
         assert got.lora_b[4] > 0
+
+
+def test_lora_b_score_is_the_b_gradient_peft_sees_at_init():
+    from peft import LoraConfig, get_peft_model
+
+    from loraplace.scores import lora_a
+
+    model = tiny_model("llama")
+    modules = classify(model)
+    examples = _examples()
+    scores = score_modules(model, examples, modules, seed=0)
+    scored = [m for m in modules if m.role != "other"]
+    i = next(k for k, m in enumerate(scored) if m.role == "mlp.down")
+    target, rank, alpha = scored[i], 4, 8.0
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=[target.path])
+    peft_model = get_peft_model(model, config)
+    layer = peft_model.base_model.model.get_submodule(target.path)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(lora_a(rank, target.in_features, seed=i))
+    n_targets = sum(len(e.input_ids) - 1 for e in examples)
+    for e in examples:
+        ids = torch.tensor([e.input_ids])
+        logits = peft_model(input_ids=ids).logits[0, :-1]
+        loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+        (loss / n_targets).backward()
+    b_grad = layer.lora_B["default"].weight.grad
+    expected = (alpha / rank) ** 2 * scores[target.path].lora_b[rank]
+    assert b_grad.norm().item() ** 2 == pytest.approx(expected, rel=1e-4)
+
+
+def test_rank_correlations_equal_scipy():
+    from scipy import stats as sps
+
+    from loraplace.validate import _kendall, _spearman
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, 9).astype(float)  # ties on purpose
+    ys = rng.integers(0, 6, (4, 9)).astype(float)
+    for y in ys:
+        assert _spearman(x, y) == pytest.approx(sps.spearmanr(x, y).statistic)
+        assert _kendall(x, y) == pytest.approx(sps.kendalltau(x, y).statistic)
+    assert np.allclose(_spearman(x, ys), [sps.spearmanr(x, y).statistic for y in ys])
 
 
 def test_rank_syntax_round_trips():

@@ -208,6 +208,7 @@ def run_advise(
         s: [c.strategy.name for c in sorted(cands, key=lambda c: -c.predicted[s])] for s in SCORES
     }
     chosen = recommend(cands, score)
+    table = summary(scores, rank, alpha)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "model": source.name,
@@ -221,8 +222,8 @@ def run_advise(
         "alpha": alpha,
         "score": score,
         "scores": {s: SCORE_TEXT[s] for s in SCORES},
-        "by_role": summary(scores, rank, alpha)["role"],
-        "by_band": summary(scores, rank, alpha)["band"],
+        "by_role": table["role"],
+        "by_band": table["band"],
         "candidates": [
             {
                 "name": c.strategy.name,

@@ -64,16 +64,20 @@ def grad_spectrum(grad: torch.Tensor) -> tuple[float, ...]:
     return _cumulative(eig)
 
 
+def lora_a(rank: int, in_features: int, seed: int) -> torch.Tensor:
+    """A LoRA A matrix (rank, in) drawn as PEFT draws it: kaiming_uniform_(a=sqrt(5)), that is
+    U(-1/sqrt(in), 1/sqrt(in)); row i is the same at every rank above i."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(rank, in_features, generator=gen) * 2 - 1) / in_features**0.5
+
+
 def lora_b_spectrum(
     grad_out_in: torch.Tensor, seed: int, max_rank: int | None = None
 ) -> tuple[float, ...]:
     """Cumulative ||G a_i||^2 over the rows a_i of a PEFT-style A with min(out, in, max_rank)
     rows."""
     out_f, in_f = grad_out_in.shape
-    gen = torch.Generator().manual_seed(seed)
-    bound = 1 / in_f**0.5  # kaiming_uniform_(a=sqrt(5)), as PEFT initialises lora_A
-    rows = min(out_f, in_f, max_rank or in_f)
-    a = (torch.rand(rows, in_f, generator=gen) * 2 - 1) * bound  # (rank, in)
+    a = lora_a(min(out_f, in_f, max_rank or in_f), in_f, seed)  # (rank, in)
     return _cumulative(((grad_out_in @ a.T) ** 2).sum(0))
 
 
