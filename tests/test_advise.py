@@ -218,12 +218,13 @@ def test_validate_end_to_end_on_a_tiny_model(tiny_gpt2_dir, tmp_path, capsys):
     argv = ["advise", "--validate", "--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD),
             "--train-split", "train[:4]", "--eval-split", "train[100:104]", "--epochs", "1",
             "--seed", "1", "--seed", "2", "--examples", "4", "--candidates", "full,attention,ffn",
-            "--set", "max_length=32", "--set", "generations=0", "--set", "rank=4",
+            "--max-length", "32", "--set", "generations=0", "--rank", "4",
             "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
     report = json.loads((out / "validation.json").read_text())
     assert [c["name"] for c in report["candidates"]] == ["attention", "ffn", "full"]
+    assert (report["config"]["rank"], report["config"]["max_length"]) == (4, 32)  # flags reach it
     assert len({c["trainable_params"] for c in report["candidates"]}) <= 3
     assert (out / "validation.md").read_text().strip() in text
     assert {"grad", "params", "always full", "random (expected)"} <= {

@@ -165,7 +165,9 @@ def cmd_advise(args) -> int:
     if args.validate:
         from loraplace.validate import render_validation, run_validation
 
-        cfg = _study_config(args, {"model": "embedded", "data": "embedded"})
+        given = {"rank": args.rank, "alpha": args.alpha, "max_length": args.max_length}
+        defaults = {} if args.config else {"model": "embedded", "data": "embedded"}
+        cfg = _study_config(args, defaults | {k: v for k, v in given.items() if v is not None})
         report = run_validation(
             cfg, args.out, args.budget, args.examples, args.candidates,
             log=lambda line: print(line, flush=True),
@@ -174,8 +176,9 @@ def cmd_advise(args) -> int:
         return 0
     report = run_advise(
         args.model or "embedded", args.data or "embedded", args.train_split or "train[:100]",
-        args.budget, args.rank, args.alpha, args.bias, args.examples, args.max_length,
-        args.loss_on, args.score, trust_remote_code=args.trust_remote_code,
+        args.budget, args.rank or 16, args.alpha or 32.0, args.bias, args.examples,
+        args.max_length or 256, args.loss_on, args.score,
+        trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0
@@ -240,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budget", type=int, help="trainable parameters (default: attention's at --rank)"
     )
-    p.add_argument("--rank", "-r", type=int, default=16, help="LoRA rank for the budget (16)")
-    p.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (32)")
+    p.add_argument("--rank", "-r", type=int, help="LoRA rank for the budget (16)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (32)")
     p.add_argument("--bias", choices=["none", "lora_only"], default="none")
     p.add_argument("--examples", type=int, default=16, help="training examples to score on (16)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per example (256)")
+    p.add_argument("--max-length", type=int, help="tokens per example (256)")
     p.add_argument("--loss-on", choices=["all", "response"], default="all")
     p.add_argument(
         "--score",
