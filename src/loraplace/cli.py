@@ -4,6 +4,7 @@
     loraplace study --config configs/offline.yaml --out runs/offline
     loraplace report runs/offline
     loraplace bench --out runs/bench
+    loraplace advise --model embedded --data ../shared/data/alpaca_head200.json --budget 921600
 
 Errors a user can cause end in one sentence on stderr and exit status 2.
 """
@@ -172,6 +173,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_advise(args) -> int:
+    from loraplace.advise import render, run_advise
+
+    if args.validate:
+        from loraplace.validate import render_validation, run_validation
+
+        given = {"rank": args.rank, "alpha": args.alpha, "max_length": args.max_length}
+        defaults = {} if args.config else {"model": "embedded", "data": "embedded"}
+        cfg = _study_config(args, defaults | {k: v for k, v in given.items() if v is not None})
+        report = run_validation(
+            cfg, args.out, args.budget, args.examples, args.candidates,
+            log=lambda line: print(line, flush=True),
+        )  # fmt: skip
+        print(render_validation(report))
+        return 0
+    report = run_advise(
+        args.model or "embedded", args.data or "embedded", args.train_split or "train[:100]",
+        args.budget, args.rank or 16, args.alpha or 32.0, args.bias, args.examples,
+        args.max_length or 256, args.loss_on, args.score,
+        trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
+    print(json.dumps(report, indent=1) if args.json else render(report))
+    return 0
+
+
 def _add_lora_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", "-r", type=int, default=LORA_DEFAULTS["rank"], help="LoRA rank (16)")
     p.add_argument("--alpha", type=float, default=LORA_DEFAULTS["alpha"], help="LoRA alpha (32)")
@@ -221,6 +247,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_args(p)
     p.add_argument("--out", default="runs/bench", help="benchmark folder (runs/bench)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "advise", help="predict where the adapters should go from a few batches of your data"
+    )
+    p.add_argument("--model", help="hub id, local dir with weights, .gguf file, or 'embedded'")
+    p.add_argument("--data", help="'embedded' or a JSON/JSONL file of instruction/input/output")
+    p.add_argument("--train-split", help="rows to score on, e.g. 'train[:100]'")
+    p.add_argument(
+        "--budget", type=int, help="trainable parameters (default: attention's at --rank)"
+    )
+    p.add_argument("--rank", "-r", type=int, help="LoRA rank for the budget (16)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (32)")
+    p.add_argument("--bias", choices=["none", "lora_only"], default="none")
+    p.add_argument("--examples", type=int, default=16, help="training examples to score on (16)")
+    p.add_argument("--max-length", type=int, help="tokens per example (256)")
+    p.add_argument("--loss-on", choices=["all", "response"], default="all")
+    p.add_argument(
+        "--score",
+        default="lora_b",
+        help="score that picks the placement: lora_b, grad, plop, params (lora_b: docs/advise.md)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow a hub model's own code (off)"
+    )
+    p.add_argument(
+        "--validate", action="store_true",
+        help="train the candidates at the budget with every --seed and measure the scores",
+    )  # fmt: skip
+    p.add_argument("--out", default="runs/advise", help="validation folder (runs/advise)")
+    p.add_argument("--config", help="YAML study config for --validate")
+    p.add_argument("--eval-split", help="--validate: evaluation rows, e.g. 'train[100:120]'")
+    p.add_argument("--seed", type=int, action="append", help="--validate: repeatable")
+    p.add_argument("--epochs", type=float, help="--validate: epochs per run")
+    p.add_argument("--candidates", help="--validate: comma-separated candidate names (all)")
+    p.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="--validate: any study config key"
+    )
+    p.set_defaults(func=cmd_advise, strategy=None, layer_study=None, equal_budget=None)
 
     p = sub.add_parser(
         "report", help="rebuild tables, statistics, figures and report.html from results"

@@ -7,7 +7,9 @@
 Built-ins are by role (`full`, `attention`, `ffn`) or the seed's literal PEFT lists
 (`seed-full`, `seed-attention`, `seed-ffn`). A custom strategy is `NAME=ROLE[,ROLE...][@LAYERS]`
 where LAYERS is `a:b` (python slice), `top:k`, `bottom:k`, `every:k` or `block:i/n` (the i-th
-of n equal blocks of depth, counted from 0 at the bottom).
+of n equal blocks of depth, counted from 0 at the bottom). A role may carry its own rank,
+`ROLE:RANK` (`adv=mlp.up:12,mlp.down:10@block:1/3`), which is how `advise` writes the
+per-role ranks of an equal-budget placement; roles without one take `--rank`.
 """
 
 from __future__ import annotations
@@ -80,8 +82,32 @@ def parse_roles(text: str) -> tuple[str, ...]:
     return tuple(r for r in ATTN_ROLES + MLP_ROLES if r in chosen)
 
 
+def _split_ranks(text: str) -> tuple[str, dict[str, int]]:
+    """'mlp.up:12,attn' -> ('mlp.up,attn', {'mlp.up': 12}); a group's rank goes to its roles."""
+    words, ranks = [], {}
+    for word in (w.strip() for w in text.split(",")):
+        role, sep, rank = word.partition(":")
+        words.append(role.strip())
+        if sep:
+            if not rank.strip().isdigit() or int(rank) < 1:
+                raise UserError(f"the rank in {word!r} must be a positive whole number")
+            base = BUILTINS.get(role.strip())
+            for r in base.roles if base else parse_roles(role):
+                ranks[r] = int(rank)
+    return ",".join(words), ranks
+
+
+def format_strategy(strategy: Strategy) -> str:
+    """The NAME=ROLE[:RANK][,...][@LAYERS] text `parse_strategy` reads back to this strategy."""
+    roles = ",".join(
+        f"{r}:{strategy.rank_by_role[r]}" if r in strategy.rank_by_role else r
+        for r in strategy.roles
+    )
+    return f"{strategy.name}={roles}" + (f"@{strategy.layers}" if strategy.layers else "")
+
+
 def parse_strategy(text: str) -> Strategy:
-    """A built-in name, or NAME=ROLE[,ROLE...][@LAYERS]."""
+    """A built-in name, or NAME=ROLE[:RANK][,ROLE[:RANK]...][@LAYERS]."""
     text = text.strip()
     if "=" not in text:
         if text not in BUILTINS:
@@ -94,12 +120,13 @@ def parse_strategy(text: str) -> Strategy:
     if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise UserError(f"strategy name {name!r} may use only letters, digits and _ . + -")
     roles_text, _, layers = spec.partition("@")
+    roles_text, ranks = _split_ranks(roles_text)
     base = BUILTINS.get(roles_text.strip())  # e.g. top6=full@top:6
     roles = base.roles if base else parse_roles(roles_text)
     layers = layers.strip() or None
     if layers is not None:
         select_layers(layers, 1_000_000)  # syntax check now; bounds are checked per model
-    return Strategy(name, roles, layers, description=spec.strip())
+    return Strategy(name, roles, layers, rank_by_role=ranks, description=spec.strip())
 
 
 def resolve(names: list[str], layer_study_roles: str | None = None) -> list[Strategy]:
