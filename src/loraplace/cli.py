@@ -133,6 +133,16 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=float)
     p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="local: runs one after another here (default); ray: runs as Ray tasks on a cluster",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="Ray cluster to use (default: $RAY_ADDRESS, else a local Ray for this study)",
+    )
+    p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)"
     )
 
@@ -151,6 +161,8 @@ def _study_config(args, defaults: dict | None = None):
         "epochs": args.epochs,
         "layer_study": args.layer_study,
         "equal_budget": args.equal_budget,
+        "executor": args.executor,
+        "ray_address": args.ray_address,
     }
     if defaults:  # a flag given on the command line still wins over these defaults
         overrides = {k: (v if v is not None else defaults.get(k)) for k, v in overrides.items()}

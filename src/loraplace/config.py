@@ -81,6 +81,12 @@ class StudyConfig:
     threads: int | None = None
     eval_batch_size: int = 4
     pack_eval: bool = True  # evaluate packed rows, no padding (checked exact; both bench paths)
+    # where runs execute (cluster.py): none of these change what a run computes
+    executor: str = "local"  # local: one after another here | ray: a Ray cluster's nodes
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray for this study
+    gpus_per_run: float | None = None  # None: 1 where the cluster has GPUs, else 0; 0.25: 4 a GPU
+    cpus_per_run: float = 1.0  # Ray's CPUs for a run; also its threads unless `threads` is set
+    max_retries: int = 2  # a run whose process or node died is tried again this many times
     # reporting
     reference: str = "full"
     compare: str = "all"  # all pairs, or "reference"
@@ -101,6 +107,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "product_dtype": ("auto", "float32", "bfloat16"),
     "compare": ("all", "reference"),
+    "executor": ("local", "ray"),
     "scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
 }
 POSITIVE = ("rank", "epochs", "batch_size", "grad_accum", "lr", "max_length", "eval_batch_size")
@@ -164,6 +171,15 @@ def _validate(cfg: StudyConfig) -> None:
     if cfg.checkpoint_minutes is not None and not cfg.checkpoint_minutes > 0:
         raise UserError(
             f"config key 'checkpoint_minutes' must be positive or null, got {cfg.checkpoint_minutes!r}"
+        )
+    if not cfg.cpus_per_run > 0:
+        raise UserError(f"config key 'cpus_per_run' must be positive, got {cfg.cpus_per_run!r}")
+    if cfg.max_retries < 0:
+        raise UserError(f"config key 'max_retries' must be 0 or more, got {cfg.max_retries!r}")
+    gpus = cfg.gpus_per_run
+    if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
+        raise UserError(
+            f"config key 'gpus_per_run' must be a fraction of one GPU or a whole number, got {gpus!r}"
         )
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
         raise UserError("dropout and warmup_ratio must be in [0, 1)")
