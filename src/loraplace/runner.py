@@ -52,6 +52,11 @@ NOT_RUN_KEYS = (
     "checkpoint_every",  # where a run may stop and resume, not what it computes
     "checkpoint_minutes",
     "keep_checkpoints",
+    "executor",
+    "ray_address",
+    "gpus_per_run",
+    "cpus_per_run",
+    "max_retries",
 )
 
 
@@ -249,7 +254,11 @@ def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
 def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     """Run every missing (strategy, seed); return all results found under OUT."""
     out = Path(out)
-    if _uses_worker(cfg.reuse_process):  # its imports overlap the checks below
+    if cfg.executor == "ray":  # before anything is written: is Ray installed?
+        from loraplace.cluster import require_ray
+
+        require_ray()
+    elif _uses_worker(cfg.reuse_process):  # its imports overlap the checks below
         _start_worker()
     prepared = prepare(cfg)
     strategies = prepared.strategies
@@ -279,7 +288,24 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         f"study: {len(jobs)} runs ({len(strategies)} strategies x {len(cfg.seeds)} seeds), {len(jobs) - len(todo)} already done"
     )
     log(describe_paths(prepared.paths, prepared.products))
-    started, durations = time.perf_counter(), []
+    execute(todo, cfg, out, log)
+    wanted = {(s.name, seed) for s, seed in jobs}
+    return [r for r in load_results(out) if (r["strategy"], r["seed"]) in wanted]
+
+
+def execute(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[dict]:
+    """Run the specs in `todo` with the config's executor; their results, each also written
+    to its run folder under OUT."""
+    if cfg.executor == "ray" and todo:  # nothing to do: no cluster to join
+        from loraplace.cluster import run_on_ray
+
+        return run_on_ray(todo, cfg, out, log)
+    return run_local(todo, cfg, out, log)
+
+
+def run_local(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[dict]:
+    """Run the specs one after another on this machine, each in a process of its own."""
+    started, durations, results = time.perf_counter(), [], []
     for i, spec in enumerate(todo, 1):
         name, seed = spec["strategy"]["name"], spec["seed"]
         eta = (
@@ -320,8 +346,8 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         resumed = result.get("resumed_from_step")
         since = f", resumed from step {resumed}" if resumed is not None else ""
         log(f"  {name} seed {seed}: {status} ({_fmt(durations[-1])}{since})")
-    wanted = {(s.name, seed) for s, seed in jobs}
-    return [r for r in load_results(out) if (r["strategy"], r["seed"]) in wanted]
+        results.append(result)
+    return results
 
 
 def describe_paths(paths: dict, products: dict) -> str:
