@@ -1,0 +1,291 @@
+"""A study's runs on a Ray cluster: one Ray task a run, results handed back as return values.
+
+    loraplace study --config configs/offline.yaml --executor ray --out runs/offline
+    loraplace study ... --executor ray --ray-address 10.0.0.1:6379   # or RAY_ADDRESS=...
+
+Each run is a plain Ray task with the resources `cpus_per_run` and `gpus_per_run` (Ray assigns
+the GPU and sets CUDA_VISIBLE_DEVICES). On its node the task trains in a temporary folder laid
+out like OUT, in a fresh process (`python -m loraplace.cluster SPEC PID`: train.py's run, ended
+with the task), and returns result.json and every file the run made as bytes through Ray's
+object store; the driver writes them into OUT atomically, result.json last, so a run counts as
+done (`is_done`) only once all its files are there. No node needs the driver's filesystem. A
+task whose process or node died is tried again (`max_retries`); a run that fails for its own
+reason (a diverged loss) returns its failed result and is not tried again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from loraplace.config import StudyConfig
+from loraplace.errors import UserError
+from loraplace.results import run_dir, write_bytes_atomic, write_json
+
+INSTALL = "pip install 'loraplace[ray]'"
+SPEC = "spec.json"
+BASE_EVAL = "base_eval.json"
+
+
+class RunProcessDied(Exception):
+    """A run's process ended without writing its result (killed, out of memory): retried."""
+
+
+def require_ray():
+    """The `ray` module, or the one sentence that says how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError(f"--executor ray needs Ray, which is not installed: {INSTALL}") from None
+    return ray
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in one sentence, not after a minute of Ray's retries, where HOST:PORT does not answer."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://..." and other forms: Ray's own checks
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(
+            f"cannot reach the Ray cluster at {address!r} ({err.strerror or err}); "
+            "start one with `ray start --head` or check --ray-address"
+        ) from None
+
+
+def connect(ray, cfg: StudyConfig) -> bool:
+    """Join the cluster at `ray_address` (else $RAY_ADDRESS), or start a local Ray for this study.
+    True if this call connected (and the caller should disconnect)."""
+    if ray.is_initialized():  # the caller's own Ray session (tests, notebooks)
+        return False
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _reachable(address)
+    try:
+        ray.init(address=address, include_dashboard=False)
+    except ConnectionError as err:
+        raise UserError(f"cannot connect to the Ray cluster at {address!r} ({err})") from None
+    return True
+
+
+def run_resources(ray, cfg: StudyConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) for one run; refused in one sentence if no node of the cluster has them."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = cfg.gpus_per_run
+    if gpus is None:  # a GPU a run where the cluster has GPUs
+        gpus = 1.0 if any(n.get("GPU", 0) > 0 for n in nodes) else 0.0
+    cpus = cfg.cpus_per_run
+    if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+        raise UserError(
+            f"no node of the Ray cluster offers what one run asks for ({cpus:g} CPUs, "
+            f"{gpus:g} GPUs; set cpus_per_run and gpus_per_run); its largest has "
+            f"{largest.get('CPU', 0):g} CPUs and {largest.get('GPU', 0):g} GPUs"
+        )
+    return cpus, gpus
+
+
+def _die_with(parent: int) -> None:
+    """(Linux) This process gets SIGKILL when `parent` (the task's worker) dies: no orphaned run
+    trains on beside its retry. Set here, not in a `preexec_fn`: the worker has threads."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the link was made
+        os._exit(1)
+
+
+def _node() -> dict:
+    import ray
+
+    return {
+        "name": socket.gethostname(),
+        "ip": ray.util.get_node_ip_address(),
+        "ray_id": ray.get_runtime_context().get_node_id(),
+    }
+
+
+def _files(root: Path) -> tuple[dict[str, bytes], list[str]]:
+    """Every file under `root` by its path relative to it (the spec excepted), and every folder."""
+    files, folders = {}, []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir():
+            folders.append(rel)
+        elif path.name != SPEC:
+            files[rel] = path.read_bytes()
+    return files, folders
+
+
+def train_on_node(spec: dict, study: str, threads: int) -> dict:
+    """(A Ray task, on a node) Train one run in a temporary folder laid out like OUT.
+
+    Returns its result (with the node it ran on), every file it made by its path relative to
+    OUT, its folders, the temporary folder it used (deleted by then) and its wall time.
+    Raises `RunProcessDied` where the run's process ended without a result (Ray retries).
+    """
+    from loraplace.runner import _env
+
+    started = time.perf_counter()
+    cfg = StudyConfig(**spec["config"])
+    name, seed = spec["strategy"]["name"], spec["seed"]
+    node = _node()
+    # the untrained model's evaluation, cached per node and study (train.base_evaluation checks
+    # its key, so a stale file is recomputed, never used)
+    cache = Path(tempfile.gettempdir()) / "loraplace-base-eval" / f"{study}.json"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="loraplace-run-") as tmp:
+        root = Path(tmp)
+        folder = run_dir(root, name, seed)
+        folder.mkdir(parents=True)
+        local = spec | {"run_dir": str(folder), "base_eval": str(cache)}
+        write_json(folder / SPEC, local)
+        env = _env(cfg, root, f"{name}-seed-{seed}")
+        env["WANDB_RUN_GROUP"] = os.environ.get("WANDB_RUN_GROUP", study)
+        env["OMP_NUM_THREADS"] = str(threads)  # train.py sets torch's threads where `threads` is
+        import ray
+
+        if not ray.get_gpu_ids():  # a run given no GPU sees none
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [sys.executable, "-m", "loraplace.cluster", str(folder / SPEC), str(os.getpid())]
+        code = subprocess.run(cmd, env=env, cwd=tmp).returncode
+        result_path = folder / "result.json"
+        if not result_path.is_file():
+            raise RunProcessDied(
+                f"the run's process on {node['name']} ended with status {code} before its result"
+            )
+        result = json.loads(result_path.read_text()) | {"node": node}
+        result_path.unlink()
+        files, folders = _files(root)
+        if cache.is_file():
+            files[BASE_EVAL] = cache.read_bytes()
+    return {
+        "result": result,
+        "files": files,
+        "folders": folders,
+        "worker_dir": tmp,
+        "wall_s": time.perf_counter() - started,
+    }
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _lost(spec: dict, error: str) -> dict:
+    return {
+        "status": "failed",
+        "strategy": spec["strategy"]["name"],
+        "seed": spec["seed"],
+        "config": spec["config"],
+        "strategy_spec": spec["strategy"],
+        "error": error,
+    }
+
+
+def _reason(err: Exception) -> str:
+    cause = getattr(err, "cause", None) or err  # a task's own exception inside RayTaskError
+    lines = str(cause).strip().splitlines() or [""]
+    return f"{type(cause).__name__}: {lines[0]}"
+
+
+def store(out: Path, spec: dict, payload: dict) -> dict:
+    """Write a run's files into OUT atomically, its result.json last; the result."""
+    for rel in payload["folders"]:
+        (Path(out) / rel).mkdir(parents=True, exist_ok=True)
+    for rel, data in payload["files"].items():
+        path = Path(out) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data)
+    write_json(Path(spec["run_dir"]) / "result.json", payload["result"])
+    return payload["result"]
+
+
+def study_id(out: Path) -> str:
+    """The study's name, and a short hash that keeps two studies of that name apart."""
+    resolved = Path(out).resolve()
+    return f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:12]}"
+
+
+def run_on_ray(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[dict]:
+    """Run the specs in `todo` as Ray tasks, all at once as far as the cluster has room; their
+    results, in the order they finished, each also written to its run folder under OUT."""
+    ray = require_ray()
+    started_here = connect(ray, cfg)
+    try:
+        return _run(ray, todo, cfg, Path(out), log)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
+    cpus, gpus = run_resources(ray, cfg)
+    threads = cfg.threads or max(1, math.floor(cpus))
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    log(
+        f"ray: {len(todo)} runs on {len(alive)} nodes ({total.get('CPU', 0):g} CPUs, "
+        f"{total.get('GPU', 0):g} GPUs); each run {cpus:g} CPUs, {gpus:g} GPUs, "
+        f"up to {cfg.max_retries} retries"
+    )
+    task = ray.remote(train_on_node)
+    study = study_id(out)
+    pending = {}
+    for spec in todo:  # as the local executor leaves it: the spec, no result until it is back
+        folder = Path(spec["run_dir"])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "result.json").unlink(missing_ok=True)
+        write_json(folder / "spec.json", spec)
+        ref = task.options(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            max_retries=cfg.max_retries,
+            retry_exceptions=[RunProcessDied],
+            name=f"loraplace:{spec['strategy']['name']}-seed-{spec['seed']}",
+        ).remote(spec, study, threads)
+        pending[ref] = spec
+    started, results = time.perf_counter(), []
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        spec = pending.pop(ref)
+        name, seed = spec["strategy"]["name"], spec["seed"]
+        try:
+            payload = ray.get(ref)
+            result = store(out, spec, payload)
+            where = f" on {result['node']['name']} ({result['node']['ip']})"
+            took = f"{_fmt(payload['wall_s'])}, "
+        except ray.exceptions.RayError as err:  # its process or node died every time it ran
+            result = _lost(spec, f"lost after {cfg.max_retries} retries: {_reason(err)}")
+            write_json(Path(spec["run_dir"]) / "result.json", result)
+            where, took = "", ""
+        results.append(result)
+        elapsed = time.perf_counter() - started
+        eta = f", ETA {_fmt(elapsed / len(results) * len(pending))}" if pending else ""
+        status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
+        log(
+            f"run {len(results)}/{len(todo)} finished: {name} seed {seed}{where}: {status} "
+            f"({took}elapsed {_fmt(elapsed)}{eta})"
+        )
+    return results
+
+
+if __name__ == "__main__":  # a run on a node: `python -m loraplace.train SPEC`, tied to its task
+    _die_with(int(sys.argv[2]))
+    from loraplace.train import _quiet, run_spec_file
+
+    _quiet()
+    sys.exit(run_spec_file(Path(sys.argv[1])))
