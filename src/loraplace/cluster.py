@@ -72,8 +72,8 @@ def connect(ray, cfg: StudyConfig) -> bool:
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _reachable(address)
-    try:
-        ray.init(address=address, include_dashboard=False)
+    try:  # "local": a Ray of its own, not whichever cluster `ray start` left on this machine
+        ray.init(address=address or "local", include_dashboard=False)
     except ConnectionError as err:
         raise UserError(f"cannot connect to the Ray cluster at {address!r} ({err})") from None
     return True
@@ -180,6 +180,10 @@ def train_on_node(spec: dict, study: str, threads: int) -> dict:
     }
 
 
+def _n(count: float, word: str, plural: str = "") -> str:
+    return f"{count:g} {word if count == 1 else plural or word + 's'}"
+
+
 def _fmt(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"
@@ -196,10 +200,13 @@ def _lost(spec: dict, error: str) -> dict:
     }
 
 
-def _reason(err: Exception) -> str:
+def _reason(err: Exception, retries: int) -> str:
+    """Why a task gave no result: its process or node died every time, or the task itself broke."""
     cause = getattr(err, "cause", None) or err  # a task's own exception inside RayTaskError
-    lines = str(cause).strip().splitlines() or [""]
-    return f"{type(cause).__name__}: {lines[0]}"
+    first = (str(cause).strip().splitlines() or [""])[0]
+    if cause is not err and not isinstance(cause, RunProcessDied):
+        return f"the run's task failed on its node: {type(cause).__name__}: {first}"
+    return f"lost after {retries} retries: {type(cause).__name__}: {first}"
 
 
 def store(out: Path, spec: dict, payload: dict) -> dict:
@@ -238,9 +245,9 @@ def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
     alive = [n for n in ray.nodes() if n.get("Alive")]
     total = ray.cluster_resources()
     log(
-        f"ray: {len(todo)} runs on {len(alive)} nodes ({total.get('CPU', 0):g} CPUs, "
-        f"{total.get('GPU', 0):g} GPUs); each run {cpus:g} CPUs, {gpus:g} GPUs, "
-        f"up to {cfg.max_retries} retries"
+        f"ray: {_n(len(todo), 'run')} on {_n(len(alive), 'node')} ({_n(total.get('CPU', 0), 'CPU')}, "
+        f"{_n(total.get('GPU', 0), 'GPU')}); each run {_n(cpus, 'CPU')}, {_n(gpus, 'GPU')}, "
+        f"up to {_n(cfg.max_retries, 'retry', 'retries')}"
     )
     task = ray.remote(train_on_node)
     study = study_id(out)
@@ -268,8 +275,8 @@ def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
             result = store(out, spec, payload)
             where = f" on {result['node']['name']} ({result['node']['ip']})"
             took = f"{_fmt(payload['wall_s'])}, "
-        except ray.exceptions.RayError as err:  # its process or node died every time it ran
-            result = _lost(spec, f"lost after {cfg.max_retries} retries: {_reason(err)}")
+        except ray.exceptions.RayError as err:
+            result = _lost(spec, _reason(err, cfg.max_retries))
             write_json(Path(spec["run_dir"]) / "result.json", result)
             where, took = "", ""
         results.append(result)

@@ -1,0 +1,291 @@
+"""`--executor ray`: a local Ray and a two-node Ray cluster on this machine, the tiny model.
+
+Every cluster here is loopback only. The two-node cluster's head has no CPUs, so runs go to the
+two worker nodes, and each worker node keeps its temporary folders in a folder of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ALPACA_HEAD
+
+from loraplace.cli import main
+from loraplace.config import load_config
+from loraplace.errors import UserError
+from loraplace.results import load_results
+from loraplace.runner import run_study
+
+try:
+    import ray
+    from ray.cluster_utils import Cluster
+except ImportError:
+    ray = None
+
+needs_ray = pytest.mark.skipif(
+    ray is None, reason="ray is not installed: pip install 'loraplace[ray]'"
+)
+
+SETTINGS = {
+    "data": str(ALPACA_HEAD),
+    "train_split": "train[:8]",
+    "eval_split": "train[100:104]",
+    "epochs": 1,
+    "strategies": ["full", "attention"],
+    "seeds": [1],
+}
+# one thread a run, on both executors: two would wait on each other on a busy 2-core machine
+SETS = ["max_length=64", "generations=1", "max_new_tokens=4", "report_to=[]", "threads=1"]
+CLI_ARGS = ["--data", str(ALPACA_HEAD), "--train-split", "train[:8]", "--eval-split", "train[100:104]",
+            "--epochs", "1", "--strategy", "full", "--strategy", "attention", "--seed", "1",
+            *[a for s in SETS for a in ("--set", s)]]  # fmt: skip
+
+
+def config(model_dir, *sets: str, **overrides):
+    return load_config(None, SETTINGS | {"model": str(model_dir)} | overrides, [*SETS, *sets])
+
+
+def on(cluster, model_dir):
+    """The config of a study that joins `cluster` (and leaves it at the end)."""
+    return config(model_dir, executor="ray", ray_address=cluster.address)
+
+
+def eval_losses(out: Path) -> dict:
+    return {(r["strategy"], r["seed"]): r["metrics"]["eval_loss"] for r in load_results(out)}
+
+
+def files(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*")}
+
+
+def run_processes() -> dict[int, tuple[int, str]]:
+    """The runs training on Ray nodes now: pid -> (the Ray worker's pid, its spec path)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"loraplace.cluster" in argv[:3] and len(argv) >= 5:
+            found[int(entry.name)] = (int(argv[4]), argv[3].decode())
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has ended; only its exit status is left
+
+
+@pytest.fixture(scope="module")
+def local_results(tiny_gpt2_dir, tmp_path_factory) -> Path:
+    """The two runs by the local executor, to compare with."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    run_study(config(tiny_gpt2_dir), out, log=lambda line: None)
+    return out
+
+
+def test_without_ray_the_executor_says_how_to_install(monkeypatch, capsys, tiny_gpt2_dir, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    out = tmp_path / "out"
+    code = main(
+        ["study", "--model", str(tiny_gpt2_dir), "--out", str(out), *CLI_ARGS, "--executor", "ray"]
+    )
+    _, err = capsys.readouterr()
+    assert code == 2 and "pip install 'loraplace[ray]'" in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "item,message",
+    [
+        ("gpus_per_run=1.5", "'gpus_per_run' must be a fraction of one GPU or a whole number"),
+        ("cpus_per_run=0", "'cpus_per_run' must be positive"),
+        ("max_retries=-1", "'max_retries' must be 0 or more"),
+        ("executor=slurm", "'executor' must be one of local, ray"),
+    ],
+)
+def test_bad_cluster_settings_one_sentence(tiny_gpt2_dir, item, message):
+    with pytest.raises(UserError, match=message):
+        config(tiny_gpt2_dir, item)
+
+
+@needs_ray
+def test_an_unreachable_cluster_is_one_sentence(capsys, tiny_gpt2_dir, tmp_path):
+    assert not ray.is_initialized()
+    out = tmp_path / "out"
+    argv = ["study", "--model", str(tiny_gpt2_dir), "--out", str(out), *CLI_ARGS]
+    code = main([*argv, "--executor", "ray", "--ray-address", "127.0.0.1:1"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "cannot reach the Ray cluster at '127.0.0.1:1'" in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_local_ray_gives_the_local_executors_results(
+    capsys, tiny_gpt2_dir, tmp_path, local_results
+):
+    """The study starts a Ray of its own on this machine and shuts it down at the end."""
+    out = tmp_path / "out"
+    argv = [
+        "study",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--out",
+        str(out),
+        *CLI_ARGS,
+        "--executor",
+        "ray",
+    ]
+    code = main(argv)
+    stdout, _ = capsys.readouterr()
+    assert code == 0, stdout
+    assert "run 2/2 finished" in stdout and not ray.is_initialized()
+    assert eval_losses(out) == eval_losses(local_results)
+    assert {p for p in files(out) if p.startswith("runs/")} == {
+        p for p in files(local_results) if p.startswith("runs/")
+    }
+    for result in load_results(out):
+        assert result["status"] == "ok" and result["node"]["name"] in stdout
+
+    code = main(argv)  # a second time: nothing to do, nothing rewritten
+    stdout, _ = capsys.readouterr()
+    assert code == 0 and "2 already done" in stdout and "finished" not in stdout
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """A head with no CPUs and two worker nodes of one CPU, each with its own temporary folder:
+    (the cluster, {node id: its temporary folder}). Each study joins it by its address."""
+    if ray is None:
+        pytest.skip("ray is not installed: pip install 'loraplace[ray]'")
+    root = tmp_path_factory.mktemp("nodes")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    temps = {}
+    for i in range(2):
+        temp = root / f"node-{i}"
+        temp.mkdir()
+        node = cluster.add_node(num_cpus=1, env_vars={"TMPDIR": str(temp)})
+        temps[node.node_id] = temp
+    cluster.wait_for_nodes()
+    yield cluster, temps
+    cluster.shutdown()
+
+
+def _watch(stop: threading.Event, seen: dict, act=None) -> threading.Thread:
+    """Record the runs' processes in `seen` until `stop`. `act(pid, worker, spec)` is called
+    once, for the first run seen training for a second (to kill something mid-run)."""
+
+    def loop():
+        first_seen, acted = {}, act is None
+        while not stop.is_set():
+            now = time.monotonic()
+            for pid, (worker, spec) in run_processes().items():
+                seen[pid] = (worker, spec)
+                first_seen.setdefault(pid, now)
+                if not acted and now - first_seen[pid] > 1:
+                    act(pid, worker, spec)
+                    acted = True
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def _study_watched(cfg, out, act=None) -> tuple[list[str], dict]:
+    """Run the study while watching its runs' processes: its log lines and what was seen."""
+    lines, seen, stop = [], {}, threading.Event()
+    thread = _watch(stop, seen, act)
+    try:
+        run_study(cfg, out, log=lines.append)
+    finally:
+        stop.set()
+        thread.join()
+    return lines, seen
+
+
+@needs_ray
+@pytest.mark.slow
+def test_two_nodes_give_the_local_executors_results_through_the_object_store(
+    two_nodes, tiny_gpt2_dir, tmp_path, local_results
+):
+    cluster, temps = two_nodes
+    out = tmp_path / "out"
+    lines, seen = _study_watched(on(cluster, tiny_gpt2_dir), out)
+    assert eval_losses(out) == eval_losses(local_results)
+    workers = {n.node_id for n in cluster.worker_nodes}
+    assert {r["node"]["ray_id"] for r in load_results(out)} == workers  # one run on each node
+    # the runs trained in their nodes' own folders, not in OUT, and left nothing there: what OUT
+    # holds came back as return values
+    specs = [Path(spec) for _, spec in seen.values()]
+    assert len(specs) == 2
+    assert all(
+        any(s.is_relative_to(t) for t in temps.values()) and not s.is_relative_to(out)
+        for s in specs
+    )
+    assert not any(s.exists() for s in specs)
+    assert {p for p in files(out) if p.startswith("runs/")} == {
+        p for p in files(local_results) if p.startswith("runs/")
+    }
+    assert sum("finished" in line for line in lines) == 2
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_and_every_run_is_there_once(
+    two_nodes, tiny_gpt2_dir, tmp_path, local_results
+):
+    out = tmp_path / "out"
+    killed = []
+
+    def kill(pid, worker, spec):
+        os.kill(worker, signal.SIGKILL)  # the Ray worker running the task; its run dies with it
+        killed.append((pid, worker))
+
+    cluster, _ = two_nodes
+    lines, seen = _study_watched(on(cluster, tiny_gpt2_dir), out, kill)
+    assert len(killed) == 1
+    (run_pid, worker), results = killed[0], load_results(out)
+    assert len(results) == 2 and all(r["status"] == "ok" for r in results)
+    assert eval_losses(out) == eval_losses(local_results)
+    assert worker not in {r["parent_process"] for r in results}  # the killed attempt's was lost
+    assert len(seen) == 3  # two runs, one of them twice
+    assert sum("finished" in line for line in lines) == 2
+    assert not [p for p in files(out) if p.endswith(".tmp")]  # nothing half-written
+    for _ in range(50):  # the killed run's process went with its worker
+        if not alive(run_pid):
+            break
+        time.sleep(0.1)
+    assert not alive(run_pid)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_dead_node_s_run_is_retried_on_another(two_nodes, tiny_gpt2_dir, tmp_path, local_results):
+    """Last of the two-node tests: it takes a node away."""
+    cluster, temps = two_nodes
+    out = tmp_path / "out"
+    dead = []
+
+    def remove(pid, worker, spec):
+        node = next(n for n in cluster.worker_nodes if Path(spec).is_relative_to(temps[n.node_id]))
+        cluster.remove_node(node, allow_graceful=False)
+        dead.append(node.node_id)
+
+    lines, _ = _study_watched(on(cluster, tiny_gpt2_dir), out, remove)
+    results = load_results(out)
+    assert len(dead) == 1 and len(results) == 2 and all(r["status"] == "ok" for r in results)
+    assert dead[0] not in {r["node"]["ray_id"] for r in results}
+    assert eval_losses(out) == eval_losses(local_results)
+    assert sum("finished" in line for line in lines) == 2
