@@ -7,6 +7,7 @@ two worker nodes, and each worker node keeps its temporary folders in a folder o
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -14,9 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ALPACA_HEAD
+import yaml
+from conftest import ALPACA_HEAD, REPO
 
-from loraplace.cli import main
+from loraplace.cli import _study_config, build_parser, main
 from loraplace.config import load_config
 from loraplace.errors import UserError
 from loraplace.results import load_results
@@ -117,6 +119,20 @@ def test_without_ray_the_executor_says_how_to_install(monkeypatch, capsys, tiny_
 def test_bad_cluster_settings_one_sentence(tiny_gpt2_dir, item, message):
     with pytest.raises(UserError, match=message):
         config(tiny_gpt2_dir, item)
+
+
+def test_the_kuberay_example_runs_a_valid_study_on_ray():
+    manifest = yaml.safe_load((REPO / "examples/kuberay-rayjob.yaml").read_text())
+    argv = shlex.split(manifest["spec"]["entrypoint"])
+    assert argv[:2] == ["loraplace", "study"]
+    args = build_parser().parse_args(argv[1:])
+    args.config = str(REPO / "configs" / Path(args.config).name)  # the image's copy of configs/
+    assert _study_config(args).executor == "ray"
+    cluster = manifest["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # runs go to workers
+    (workers,) = cluster["workerGroupSpecs"]
+    (container,) = workers["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 @needs_ray

@@ -7,7 +7,8 @@ before anything is written. Finished runs with the same settings are skipped on 
 unfinished or failed ones are run again. Each run is a self-contained spec -> result.json unit
 (see `train.py`), run in a fresh process so its peak memory is its own; with `reuse_process`
 (Linux) one server process imports Python's ML stack once and forks a child for every run,
-which restarts its peak-memory count; a server that dies is started again.
+which restarts its peak-memory count; a server that dies is started again. With
+`executor: ray` the same specs run as Ray tasks on a cluster instead (`cluster.py`).
 """
 
 from __future__ import annotations
