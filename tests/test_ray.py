@@ -259,6 +259,23 @@ def test_two_nodes_give_the_local_executors_results_through_the_object_store(
 
 @needs_ray
 @pytest.mark.slow
+def test_a_run_that_fails_for_its_own_reason_is_recorded_not_retried(
+    two_nodes, tiny_gpt2_dir, tmp_path
+):
+    cluster, _ = two_nodes
+    out = tmp_path / "out"
+    diverging = config(  # lr 1e38: the first update overflows, the loss diverges
+        tiny_gpt2_dir, "lr=1e38", executor="ray", ray_address=cluster.address, strategies=["full"]
+    )
+    lines, seen = _study_watched(diverging, out)
+    (result,) = load_results(out)
+    assert result["status"] == "failed"
+    assert "overflow" in result["error"] or "non-finite" in result["error"]
+    assert len(seen) == 1 and "FAILED" in lines[-1]  # one process: it ran once
+
+
+@needs_ray
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_every_run_is_there_once(
     two_nodes, tiny_gpt2_dir, tmp_path, local_results
 ):
