@@ -21,7 +21,7 @@ from conftest import ALPACA_HEAD, REPO
 from loraplace.cli import _study_config, build_parser, main
 from loraplace.config import load_config
 from loraplace.errors import UserError
-from loraplace.results import load_results
+from loraplace.results import damaged_results, load_results
 from loraplace.runner import run_study
 
 try:
@@ -72,10 +72,12 @@ def run_processes() -> dict[int, tuple[int, str]]:
     for entry in Path("/proc").iterdir():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if b"loraplace.cluster" in argv[:3] and len(argv) >= 5:
-            found[int(entry.name)] = (int(argv[4]), argv[3].decode())
+        if b"loraplace.cluster" in argv[:3] and len(argv) >= 4:
+            parent = int(stat.rpartition(")")[2].split()[1])
+            found[int(entry.name)] = (parent, argv[3].decode())
     return found
 
 
@@ -240,6 +242,7 @@ def test_two_nodes_give_the_local_executors_results_through_the_object_store(
     out = tmp_path / "out"
     lines, seen = _study_watched(on(cluster, tiny_gpt2_dir), out)
     assert eval_losses(out) == eval_losses(local_results)
+    assert not damaged_results(out)  # each result.json checksummed as written, its node included
     workers = {n.node_id for n in cluster.worker_nodes}
     assert {r["node"]["ray_id"] for r in load_results(out)} == workers  # one run on each node
     # the runs trained in their nodes' own folders, not in OUT, and left nothing there: what OUT

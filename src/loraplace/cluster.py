@@ -5,8 +5,8 @@
 
 Each run is a plain Ray task with the resources `cpus_per_run` and `gpus_per_run` (Ray assigns
 the GPU and sets CUDA_VISIBLE_DEVICES). On its node the task trains in a temporary folder laid
-out like OUT, in a fresh process (`python -m loraplace.cluster SPEC PID`: train.py's run, ended
-with the task), and returns result.json and every file the run made as bytes through Ray's
+out like OUT, in a fresh process (`python -m loraplace.cluster SPEC`: train.py's run, ended
+with the task, on the paths the node resolves), and returns result.json and every file the run made as bytes through Ray's
 object store; the driver writes them into OUT atomically, result.json last, so a run counts as
 done (`is_done`) only once all its files are there. No node needs the driver's filesystem. A
 task whose process or node died is tried again (`max_retries`); a run that fails for its own
@@ -15,12 +15,10 @@ reason (a diverged loss) returns its failed result and is not tried again.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +28,7 @@ from pathlib import Path
 
 from loraplace.config import StudyConfig
 from loraplace.errors import UserError
-from loraplace.results import run_dir, write_bytes_atomic, write_json
+from loraplace.results import run_dir, write_bytes_atomic, write_json, write_result
 
 INSTALL = "pip install 'loraplace[ray]'"
 SPEC = "spec.json"
@@ -96,15 +94,24 @@ def run_resources(ray, cfg: StudyConfig) -> tuple[float, float]:
     return cpus, gpus
 
 
-def _die_with(parent: int) -> None:
-    """(Linux) This process gets SIGKILL when `parent` (the task's worker) dies: no orphaned run
-    trains on beside its retry. Set here, not in a `preexec_fn`: the worker has threads."""
+def paths_here(spec: dict) -> dict:
+    """The spec as this node runs it. The driver resolved the `auto` paths (device, libraries,
+    product dtype) on its own machine; a node that resolves them otherwise (a GPU node under a
+    CPU driver, a CPU without bfloat16) drops them and the run resolves its own (train.py)."""
+    if "paths" not in spec:
+        return spec
+    from loraplace.hardware import Machine, resolve_paths
+
+    cfg = StudyConfig(**spec["config"])
     try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # it died before the link was made
-        os._exit(1)
+        here = resolve_paths(
+            cfg.device, cfg.onednn, cfg.onednn_head, cfg.product_dtype, Machine.here()
+        ).to_dict()
+    except UserError:
+        return spec  # a path this node cannot take: the run records why
+    if here == spec["paths"]:
+        return spec
+    return {k: v for k, v in spec.items() if k not in ("paths", "products")}
 
 
 def _node() -> dict:
@@ -159,7 +166,7 @@ def train_on_node(spec: dict, study: str, threads: int) -> dict:
 
         if not ray.get_gpu_ids():  # a run given no GPU sees none
             env["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [sys.executable, "-m", "loraplace.cluster", str(folder / SPEC), str(os.getpid())]
+        cmd = [sys.executable, "-m", "loraplace.cluster", str(folder / SPEC)]
         code = subprocess.run(cmd, env=env, cwd=tmp).returncode
         result_path = folder / "result.json"
         if not result_path.is_file():
@@ -217,8 +224,9 @@ def store(out: Path, spec: dict, payload: dict) -> dict:
         path = Path(out) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
-    write_json(Path(spec["run_dir"]) / "result.json", payload["result"])
-    return payload["result"]
+    result = {k: v for k, v in payload["result"].items() if k != "checksum"}
+    write_result(Path(spec["run_dir"]) / "result.json", result)  # checksummed with its node
+    return result
 
 
 def study_id(out: Path) -> str:
@@ -277,7 +285,7 @@ def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
             took = f"{_fmt(payload['wall_s'])}, "
         except ray.exceptions.RayError as err:
             result = _lost(spec, _reason(err, cfg.max_retries))
-            write_json(Path(spec["run_dir"]) / "result.json", result)
+            write_result(Path(spec["run_dir"]) / "result.json", result)
             where, took = "", ""
         results.append(result)
         elapsed = time.perf_counter() - started
@@ -290,9 +298,18 @@ def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
     return results
 
 
-if __name__ == "__main__":  # a run on a node: `python -m loraplace.train SPEC`, tied to its task
-    _die_with(int(sys.argv[2]))
+if __name__ == "__main__":  # a run on a node: train.py's run, ended with its task
+    from loraplace.results import die_with_parent
+
+    die_with_parent()
     from loraplace.train import _quiet, run_spec_file
 
     _quiet()
-    sys.exit(run_spec_file(Path(sys.argv[1])))
+    spec_path = Path(sys.argv[1])
+    spec = json.loads(spec_path.read_text())
+    if (local := paths_here(spec)) is not spec:
+        write_json(spec_path, local)
+    try:
+        sys.exit(run_spec_file(spec_path))
+    except KeyboardInterrupt:
+        sys.exit(130)
