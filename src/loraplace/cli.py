@@ -161,8 +161,8 @@ def _study_config(args, defaults: dict | None = None):
         "epochs": args.epochs,
         "layer_study": args.layer_study,
         "equal_budget": args.equal_budget,
-        "executor": args.executor,
-        "ray_address": args.ray_address,
+        "executor": getattr(args, "executor", None),  # commands without these flags run here
+        "ray_address": getattr(args, "ray_address", None),
     }
     if defaults:  # a flag given on the command line still wins over these defaults
         overrides = {k: (v if v is not None else defaults.get(k)) for k, v in overrides.items()}
