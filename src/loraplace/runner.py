@@ -70,7 +70,7 @@ class Prepared:
     """A checked study: its strategies, and the paths and product libraries of its runs."""
 
     strategies: list[Strategy]
-    paths: dict
+    paths: dict | None  # None: resolved by each cluster node (executor ray)
     products: dict
 
 
@@ -84,9 +84,14 @@ def prepare(cfg: StudyConfig) -> Prepared:
     from loraplace.placement import place
     from loraplace.roles import classify
 
-    paths = resolve_paths(
-        cfg.device, cfg.onednn, cfg.onednn_head, cfg.product_dtype, Machine.here()
-    )
+    try:
+        paths = resolve_paths(
+            cfg.device, cfg.onednn, cfg.onednn_head, cfg.product_dtype, Machine.here()
+        )
+    except UserError:
+        if cfg.executor != "ray":
+            raise
+        paths = None  # settings for the cluster's nodes, not this driver: each node resolves
     strategies = resolve_strategies(cfg)
     meta = meta_model(resolve(cfg.model, cfg.trust_remote_code))
     modules = classify(meta)
@@ -100,6 +105,8 @@ def prepare(cfg: StudyConfig) -> Prepared:
         place(modules, s, cfg.rank, cfg.bias)
     for split in (cfg.train_split, cfg.eval_split):
         load_rows(cfg.data, split)
+    if paths is None:
+        return Prepared(strategies, None, {})
     return Prepared(strategies, paths.to_dict(), _products(cfg, paths, modules, meta))
 
 
@@ -147,7 +154,7 @@ def is_done(result: dict | None, spec: dict) -> bool:
         and result.get("status") == "ok"
         and run_settings(result.get("config", {})) == run_settings(spec["config"])
         and result.get("strategy_spec") == spec["strategy"]
-        and all(paths.get(k) == spec["paths"][k] for k in NUMERIC_PATHS)
+        and ("paths" not in spec or all(paths.get(k) == spec["paths"][k] for k in NUMERIC_PATHS))
     )
 
 
@@ -279,16 +286,17 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
             "seed": seed,
             "run_dir": str(run_dir(out, s.name, seed)),
             "base_eval": str(out / "base_eval.json"),
-            "paths": prepared.paths,
-            "products": prepared.products,
         }
+        if prepared.paths:
+            spec |= {"paths": prepared.paths, "products": prepared.products}
         if is_done(existing.get((s.name, seed)), spec):
             continue
         todo.append(spec)
     log(
         f"study: {len(jobs)} runs ({len(strategies)} strategies x {len(cfg.seeds)} seeds), {len(jobs) - len(todo)} already done"
     )
-    log(describe_paths(prepared.paths, prepared.products))
+    if prepared.paths:
+        log(describe_paths(prepared.paths, prepared.products))
     execute(todo, cfg, out, log)
     wanted = {(s.name, seed) for s, seed in jobs}
     return [r for r in load_results(out) if (r["strategy"], r["seed"]) in wanted]
