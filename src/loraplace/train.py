@@ -426,7 +426,7 @@ def train_run(spec: dict) -> dict:
         callbacks=[_callback(evaluate, curves)],
     )
     trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
-    eval_before, start = timing["eval_s"], time.perf_counter()
+    eval_before = timing["eval_s"]  # the base evaluation is not training time
 
     def train_s() -> float:
         evals = timing["eval_s"] - eval_before
@@ -439,8 +439,9 @@ def train_run(spec: dict) -> dict:
                 trainer, run_dir, key, cfg.checkpoint_every, every_s, curves, timing, train_s
             )
         )
-    if faults.callback(injected):
-        trainer.add_callback(faults.callback(injected))
+    injector = faults.callback(injected)
+    if injector:
+        trainer.add_callback(injector)
     if resume:
         print(f"  resumed from step {resume.step} ({resume.path})", flush=True)
     if device == "cuda":
