@@ -223,6 +223,19 @@ def test_a_truncated_or_edited_result_is_named_and_run_again(capsys, tiny_gpt2_d
         same_training(result(out, s), first[s])
 
 
+def test_a_result_cut_anywhere_reads_as_truncated(tmp_path):
+    from loraplace.results import read_result, write_result
+
+    path = tmp_path / "result.json"
+    write_result(path, {"strategy": "full", "seed": 42, "status": "ok", "path": "/a/b c", "x": [1.5]})
+    text = path.read_text()
+    for cut in range(1, len(text.rstrip()) - 1):
+        path.write_text(text[:cut])
+        assert read_result(path)[1].startswith("is truncated"), (cut, text[:cut])
+    path.write_text(text.replace('"seed": 42', '"seed": 42,,'))
+    assert read_result(path)[1].startswith("is not valid JSON")
+
+
 def test_files_are_written_as_the_umask_says(tmp_path):
     from loraplace.results import write_json, write_result
 

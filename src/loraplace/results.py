@@ -145,7 +145,9 @@ def read_result(path: Path) -> tuple[dict | None, str | None]:
     try:
         result = json.loads(text)
     except json.JSONDecodeError as err:
-        kind = "is truncated" if err.pos >= len(text.rstrip()) else "is not valid JSON"
+        # Our writer ends every file with its closing brace; a file without one was cut short.
+        cut = err.pos >= len(text.rstrip()) or not text.rstrip().endswith("}")
+        kind = "is truncated" if cut else "is not valid JSON"
         return None, f"{kind} ({err.msg} at line {err.lineno})"
     if not isinstance(result, dict) or not {"strategy", "seed", "status"} <= result.keys():
         return None, "is not a run result (strategy, seed or status missing)"
