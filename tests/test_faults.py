@@ -188,9 +188,6 @@ def test_nan_from_a_huge_learning_rate_fails_that_run_and_the_others_go_on(fault
     assert "attention seed 42" in (out / "report.md").read_text()
 
 
-@pytest.mark.skip(
-    reason="after the merge with the hardware paths the memory cap no longer fails the run; open in issue 17"
-)
 def test_out_of_memory_fails_that_run_with_the_reason_and_the_others_go_on(faulty_study):
     out, stdout = faulty_study
     failed = result(out, "ffn")

@@ -6,7 +6,10 @@ disk, a memory cap, a kill -9 in the middle of a step, or a learning rate that d
 Keys, per run ("STRATEGY seed SEED"):
   file_size     RLIMIT_FSIZE in bytes from the run's start: a write past it fails with EFBIG,
                 as on a full disk (SIGXFSZ is ignored so the write fails instead of the process)
-  memory_mb     RLIMIT_AS when training starts: the address space the run has then plus this
+  memory_mb     RLIMIT_AS when training starts: the address space the run has then plus this;
+                each step then asks for a buffer larger than the cap, as a step of a model too
+                big for the machine would (a small model's steps reuse memory the run already
+                holds, freed blocks included, so the cap alone may never be reached)
   kill_at_step  the run sends itself SIGKILL in that optimizer step, after the backward pass
   lr            the run's learning rate instead of the study's
 Nothing happens unless the variable names the run.
@@ -52,6 +55,13 @@ def callback(faults: dict):
             if "memory_mb" in faults:
                 cap = _address_space() + int(faults["memory_mb"] * 2**20)
                 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if "memory_mb" in faults:
+                import torch
+
+                cap = resource.getrlimit(resource.RLIMIT_AS)[0]
+                torch.empty(cap + 2**24, dtype=torch.uint8)  # more than the cap: never reused memory
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if state.global_step + 1 == faults.get("kill_at_step"):
