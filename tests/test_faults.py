@@ -224,7 +224,9 @@ def test_a_result_cut_anywhere_reads_as_truncated(tmp_path):
     from loraplace.results import read_result, write_result
 
     path = tmp_path / "result.json"
-    write_result(path, {"strategy": "full", "seed": 42, "status": "ok", "path": "/a/b c", "x": [1.5]})
+    write_result(
+        path, {"strategy": "full", "seed": 42, "status": "ok", "path": "/a/b c", "x": [1.5]}
+    )
     text = path.read_text()
     for cut in range(1, len(text.rstrip()) - 1):
         path.write_text(text[:cut])

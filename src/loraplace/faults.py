@@ -61,7 +61,7 @@ def callback(faults: dict):
                 import torch
 
                 cap = resource.getrlimit(resource.RLIMIT_AS)[0]
-                torch.empty(cap + 2**24, dtype=torch.uint8)  # more than the cap: never reused memory
+                torch.empty(cap + 2**24, dtype=torch.uint8)  # beyond any reusable block
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if state.global_step + 1 == faults.get("kill_at_step"):
