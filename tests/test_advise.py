@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import ALPACA_HEAD, DIALOGPT, tiny_model
 
-from loraplace.budget import cost_per_rank
+from loraplace.advise.scores import score_modules
 from loraplace.cli import main
-from loraplace.data import IGNORE, Example
-from loraplace.roles import classify
-from loraplace.scores import score_modules
-from loraplace.strategies import format_strategy, parse_strategy
+from loraplace.data.rows import IGNORE, Example
+from loraplace.plan.budget import cost_per_rank
+from loraplace.plan.roles import classify
+from loraplace.plan.strategies import format_strategy, parse_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,7 @@ def test_scores_equal_a_direct_computation(kind):
 def test_lora_b_score_is_the_b_gradient_peft_sees_at_init():
     from peft import LoraConfig, get_peft_model
 
-    from loraplace.scores import lora_a
+    from loraplace.advise.scores import lora_a
 
     model = tiny_model("llama")
     modules = classify(model)
@@ -103,7 +103,7 @@ def test_lora_b_score_is_the_b_gradient_peft_sees_at_init():
 def test_rank_correlations_equal_scipy():
     from scipy import stats as sps
 
-    from loraplace.validate import _kendall, _spearman
+    from loraplace.advise.validate import _kendall, _spearman
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 5, 9).astype(float)  # ties on purpose
@@ -177,7 +177,7 @@ def _result(name: str, seed: int, gain: float, per_example: list[float]) -> dict
 
 
 def test_validation_ranks_a_perfect_score_first_and_its_inverse_last():
-    from loraplace.validate import analyze, render_validation
+    from loraplace.advise.validate import analyze, render_validation
 
     names = ["a", "b", "c", "d"]
     true_gain = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}

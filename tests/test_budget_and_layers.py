@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from conftest import DIALOGPT
 
-from loraplace.budget import cost_per_rank, equalize, solve_ranks
 from loraplace.cli import main
-from loraplace.models import meta_model, resolve
-from loraplace.placement import place
-from loraplace.roles import classify
-from loraplace.strategies import BUILTINS, layer_study, parse_strategy
+from loraplace.plan.budget import cost_per_rank, equalize, solve_ranks
+from loraplace.plan.models import meta_model, resolve
+from loraplace.plan.placement import place
+from loraplace.plan.roles import classify
+from loraplace.plan.strategies import BUILTINS, layer_study, parse_strategy
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from loraplace.config import StudyConfig, load_config
-from loraplace.errors import UserError
+from loraplace.core.errors import UserError
 from loraplace.runner import resolve_strategies
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import torch
 from conftest import ALPACA_HEAD, tiny_model
 from transformers import AutoTokenizer
 
-from loraplace.data import (
+from loraplace.core.errors import UserError
+from loraplace.data.rows import (
     IGNORE,
     Collator,
     Example,
@@ -22,8 +23,7 @@ from loraplace.data import (
     prompt,
     tokenize,
 )
-from loraplace.errors import UserError
-from loraplace.evaluate import example_losses, token_weighted
+from loraplace.train.evaluate import example_losses, token_weighted
 
 EOS = 127  # the tiny tokenizer's <|endoftext|>, also its pad token (as for GPT-2)
 FIELDS = {"instruction", "input", "output"}
@@ -423,9 +423,9 @@ def test_balanced_groups(lengths, capacity, expected):
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("head", [None, "blocks", "onednn"])
 def test_packed_evaluation_gives_every_example_its_padded_loss(kind, segments, head, monkeypatch):
-    from loraplace import headloss
-    from loraplace.kernels import onednn_available
-    from loraplace.segments import use_segment_attention
+    from loraplace.fast import headloss
+    from loraplace.fast.kernels import onednn_available
+    from loraplace.fast.segments import use_segment_attention
 
     if head == "onednn" and not onednn_available():
         pytest.skip("no oneDNN in this torch build")

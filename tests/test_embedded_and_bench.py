@@ -10,9 +10,9 @@ from conftest import ALPACA_HEAD
 
 from loraplace.cli import main
 from loraplace.config import StudyConfig
-from loraplace.hardware import Machine
-from loraplace.strategies import BUILTINS, to_dict
-from loraplace.train import train_run
+from loraplace.fast.hardware import Machine
+from loraplace.plan.strategies import BUILTINS, to_dict
+from loraplace.train.run import train_run
 
 
 @pytest.mark.slow

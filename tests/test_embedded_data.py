@@ -1,7 +1,7 @@
 import json
 import re
 
-from loraplace.embedded_data import FAMILIES, NAME, records, tagged_records
+from loraplace.data.embedded import FAMILIES, NAME, records, tagged_records
 
 
 def test_name():

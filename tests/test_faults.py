@@ -3,7 +3,7 @@
     PYTHONPATH=src python -m pytest -q tests/test_faults.py
 
 Faults are made on purpose: kill -9 (from outside, or by the run itself in the middle of a step
-through `loraplace.faults`), a file-size limit for a full disk, an address-space limit for out
+through `loraplace.core.faults`), a file-size limit for a full disk, an address-space limit for out
 of memory, a huge learning rate for NaN, a truncated or edited result.json, a second study.
 """
 
@@ -221,7 +221,7 @@ def test_a_truncated_or_edited_result_is_named_and_run_again(capsys, tiny_gpt2_d
 
 
 def test_a_result_cut_anywhere_reads_as_truncated(tmp_path):
-    from loraplace.results import read_result, write_result
+    from loraplace.core.results import read_result, write_result
 
     path = tmp_path / "result.json"
     write_result(
@@ -236,7 +236,7 @@ def test_a_result_cut_anywhere_reads_as_truncated(tmp_path):
 
 
 def test_files_are_written_as_the_umask_says(tmp_path):
-    from loraplace.results import write_json, write_result
+    from loraplace.core.results import write_json, write_result
 
     old = os.umask(0o027)
     try:
@@ -258,7 +258,7 @@ def test_a_study_writes_every_file_as_the_umask_says(uninterrupted_out):
 
 def _holder(out: Path) -> subprocess.Popen:
     """Another process that holds OUT's lock until killed."""
-    code = "import sys, time; from loraplace.lock import acquire; acquire(sys.argv[1]); "
+    code = "import sys, time; from loraplace.core.lock import acquire; acquire(sys.argv[1]); "
     code += "print('held', flush=True); time.sleep(120)"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True
@@ -395,7 +395,7 @@ def test_checkpoints_by_time_only_the_latest_kept_on_request(capsys, tiny_gpt2_d
 
 def test_a_checkpoint_cut_short_is_never_resumed(tmp_path):
     """A kill while a checkpoint is written leaves a temporary folder, never a checkpoint-N."""
-    from loraplace.checkpoints import MANIFEST, latest, write_dir_atomically
+    from loraplace.train.checkpoints import MANIFEST, latest, write_dir_atomically
 
     def good(step: int):
         def fill(folder: Path) -> None:

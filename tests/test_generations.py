@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loraplace.evaluate import greedy_generations
+from loraplace.train.evaluate import greedy_generations
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

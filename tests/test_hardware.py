@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import ALPACA_HEAD
 
-from loraplace import hardware
-from loraplace.errors import UserError
-from loraplace.hardware import Machine, choose_libraries, cpu_info, resolve_paths
+from loraplace.core.errors import UserError
+from loraplace.fast import hardware
+from loraplace.fast.hardware import Machine, choose_libraries, cpu_info, resolve_paths
 
 # Excerpts of /proc/cpuinfo from real CPUs (model name and the SIMD part of the flags).
 CPUINFO = {
@@ -113,7 +113,7 @@ def test_product_table_is_measured_once_per_machine(tmp_path, monkeypatch):
 
 
 def test_a_measured_table_sends_each_direction_to_its_library():
-    from loraplace.kernels import accelerate, onednn_available
+    from loraplace.fast.kernels import accelerate, onednn_available
 
     if not onednn_available():
         pytest.skip("torch here has no oneDNN")
@@ -131,7 +131,7 @@ def test_a_measured_table_sends_each_direction_to_its_library():
 def test_the_isa_cap_hides_bfloat16_from_the_probe():
     """ONEDNN_MAX_CPU_ISA=AVX2 is how the suite sees an AVX2-only CPU on an AVX-512 one: under
     it oneDNN must refuse bfloat16 products, so `auto` and the tests take the float32 path."""
-    code = "from loraplace.hardware import Machine; m = Machine.here(); print(m.bf16_products)"
+    code = "from loraplace.fast.hardware import Machine; m = Machine.here(); print(m.bf16_products)"
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -199,9 +199,9 @@ def _never_exact(model, device="cpu", tolerance=1e-4, segments=False):
 def test_a_path_that_fails_its_check_falls_back_and_says_so(
     tiny_gpt2_dir, tmp_path, monkeypatch, capsys
 ):
-    from loraplace import train
     from loraplace.config import StudyConfig
-    from loraplace.strategies import BUILTINS, to_dict
+    from loraplace.plan.strategies import BUILTINS, to_dict
+    from loraplace.train import run as train
 
     monkeypatch.setattr(train, "packing_is_exact", _never_exact)
     cfg = StudyConfig(model=str(tiny_gpt2_dir), data=str(ALPACA_HEAD), train_split="train[:4]",

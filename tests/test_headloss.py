@@ -6,15 +6,15 @@ import torch.nn.functional as F
 from conftest import TINY, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from loraplace.data import IGNORE
-from loraplace.headloss import (
+from loraplace.data.rows import IGNORE
+from loraplace.fast.headloss import (
     ROWS,
     LinearCrossEntropy,
     head_is_frozen,
     head_loss,
     head_loss_matches,
 )
-from loraplace.kernels import onednn_available
+from loraplace.fast.kernels import onednn_available
 
 ONEDNN = [False] + ([True] if onednn_available() else [])
 

@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from loraplace.hardware import Machine
-from loraplace.kernels import (
+from loraplace.fast.hardware import Machine
+from loraplace.fast.kernels import (
     LANES,
     LoraLinear,
     accelerate,
@@ -227,7 +227,7 @@ def test_fused_mlp_leaves_other_blocks_alone():
 def test_onednn_caches_are_capped_unless_the_user_chose(monkeypatch):
     import os
 
-    from loraplace.kernels import limit_onednn_caches
+    from loraplace.fast.kernels import limit_onednn_caches
 
     monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")

@@ -7,12 +7,12 @@ import torch
 from conftest import TINY, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
-from loraplace.adapters import adapted_paths, attach
-from loraplace.errors import UserError
-from loraplace.models import base_params
-from loraplace.placement import place
-from loraplace.roles import classify, num_layers
-from loraplace.strategies import BUILTINS, parse_strategy, select_layers
+from loraplace.core.errors import UserError
+from loraplace.plan.adapters import adapted_paths, attach
+from loraplace.plan.models import base_params
+from loraplace.plan.placement import place
+from loraplace.plan.roles import classify, num_layers
+from loraplace.plan.strategies import BUILTINS, parse_strategy, select_layers
 
 # Layer-0 modules (name after the block prefix) and their roles, per architecture.
 EXPECTED_ROLES = {
@@ -148,7 +148,7 @@ def test_seed_lists_on_llama_fall_back_to_roles():
 def test_dialogpt_medium_from_config_alone(capsys):
     from conftest import DIALOGPT
 
-    from loraplace.models import meta_model, resolve
+    from loraplace.plan.models import meta_model, resolve
 
     model = meta_model(resolve(str(DIALOGPT)))
     modules = classify(model)

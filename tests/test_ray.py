@@ -20,8 +20,8 @@ from conftest import ALPACA_HEAD, REPO
 
 from loraplace.cli import _study_config, build_parser, main
 from loraplace.config import load_config
-from loraplace.errors import UserError
-from loraplace.results import damaged_results, load_results
+from loraplace.core.errors import UserError
+from loraplace.core.results import damaged_results, load_results
 from loraplace.runner import run_study
 
 try:

@@ -9,8 +9,8 @@ import subprocess
 import pandas as pd
 import pytest
 
+from loraplace.analysis.stats import COMPARISON_COLUMNS
 from loraplace.cli import main
-from loraplace.stats import COMPARISON_COLUMNS
 
 
 def test_study_writes_aggregate_comparisons_and_report(tiny_study):

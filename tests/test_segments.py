@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import TINY, tiny_model
 
-from loraplace.data import Example, PackedCollator, packing_is_exact
-from loraplace.segments import NAME, use_segment_attention
+from loraplace.data.rows import Example, PackedCollator, packing_is_exact
+from loraplace.fast.segments import NAME, use_segment_attention
 
 
 @pytest.mark.parametrize("kind", sorted(TINY))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from loraplace.stats import (
+from loraplace.analysis.stats import (
     COMPARISON_COLUMNS,
     aggregate,
     compare_strategies,

@@ -14,10 +14,10 @@ from conftest import ALPACA_HEAD
 
 from loraplace.cli import main
 from loraplace.config import StudyConfig
-from loraplace.kernels import onednn_available
-from loraplace.results import SUMMARY_COLUMNS
-from loraplace.strategies import BUILTINS, to_dict
-from loraplace.train import train_run
+from loraplace.core.results import SUMMARY_COLUMNS
+from loraplace.fast.kernels import onednn_available
+from loraplace.plan.strategies import BUILTINS, to_dict
+from loraplace.train.run import train_run
 
 TINY_ARGS = [
     "--data",

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from loraplace.config import StudyConfig
-from loraplace.results import write_json, write_text
+from loraplace.core.results import write_json, write_text
 
 PLAIN = {
     "pad_to": "max_length",
@@ -51,7 +51,7 @@ def matmul_peak_gflops(size: int = 2048, reps: int = 8) -> dict[str, float]:
     """Best float32 matrix-product rate of this machine in GFLOP/s, per library torch can use
     here: the default BLAS and, on CPU, oneDNN (on the AMD development machine MKL reached 149
     and oneDNN 211: MFU is taken against the faster)."""
-    from loraplace.kernels import linear, onednn_available
+    from loraplace.fast.kernels import linear, onednn_available
 
     a, b = torch.randn(size, size), torch.randn(size, size)
     found = {}
@@ -138,8 +138,8 @@ def render(report: dict) -> str:
 
 
 def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
-    from loraplace.data import load_rows, tokenize
-    from loraplace.models import load_model, resolve
+    from loraplace.data.rows import load_rows, tokenize
+    from loraplace.plan.models import load_model, resolve
     from loraplace.runner import describe_paths, prepare, run_study
 
     out = Path(out)
@@ -220,7 +220,7 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
 
 def architecture(model, placement) -> dict:
     """What the FLOP count needs to know about a model and its adapters, from the run itself."""
-    from loraplace.roles import classify, hidden_size, num_layers
+    from loraplace.plan.roles import classify, hidden_size, num_layers
 
     modules = classify(model)
     head = model.get_output_embeddings()

@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from loraplace.errors import UserError
+from loraplace.core.errors import UserError
 
 LORA_DEFAULTS = {"rank": 16, "alpha": 32.0, "dropout": 0.1, "bias": "none"}
 
@@ -31,15 +31,15 @@ def _quiet() -> None:
 
 
 def _strategies(args) -> list:
-    from loraplace.strategies import SEED_COMPARISON, resolve
+    from loraplace.plan.strategies import SEED_COMPARISON, resolve
 
     names = args.strategy or ([] if args.layer_study else list(SEED_COMPARISON))
     return resolve(names, args.layer_study)
 
 
 def cmd_plan(args) -> int:
-    from loraplace.models import resolve
-    from loraplace.planning import plan_model, render, to_json
+    from loraplace.plan.models import resolve
+    from loraplace.plan.planning import plan_model, render, to_json
 
     strategies = _strategies(args)
     source = resolve(args.model, args.trust_remote_code)
@@ -52,8 +52,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from loraplace.lock import release
-    from loraplace.report import build
+    from loraplace.analysis.report import build
+    from loraplace.core.lock import release
     from loraplace.runner import run_study
 
     cfg = _study_config(args)
@@ -97,8 +97,8 @@ def _summary_text(csv_path) -> str:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from loraplace.lock import holding
-    from loraplace.report import build
+    from loraplace.analysis.report import build
+    from loraplace.core.lock import holding
 
     if not Path(args.out).is_dir():  # build() says so in its own words
         build(args.out)
@@ -186,10 +186,10 @@ def cmd_bench(args) -> int:
 
 
 def cmd_advise(args) -> int:
-    from loraplace.advise import render, run_advise
+    from loraplace.advise.recommend import render, run_advise
 
     if args.validate:
-        from loraplace.validate import render_validation, run_validation
+        from loraplace.advise.validate import render_validation, run_validation
 
         given = {"rank": args.rank, "alpha": args.alpha, "max_length": args.max_length}
         defaults = {} if args.config else {"model": "embedded", "data": "embedded"}

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from loraplace.config import StudyConfig
-from loraplace.errors import UserError
-from loraplace.results import run_dir, write_bytes_atomic, write_json, write_result
+from loraplace.core.errors import UserError
+from loraplace.core.results import run_dir, write_bytes_atomic, write_json, write_result
 
 INSTALL = "pip install 'loraplace[ray]'"
 SPEC = "spec.json"
@@ -100,7 +100,7 @@ def paths_here(spec: dict) -> dict:
     CPU driver, a CPU without bfloat16) drops them and the run resolves its own (train.py)."""
     if "paths" not in spec:
         return spec
-    from loraplace.hardware import Machine, resolve_paths
+    from loraplace.fast.hardware import Machine, resolve_paths
 
     cfg = StudyConfig(**spec["config"])
     try:
@@ -299,10 +299,10 @@ def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
 
 
 if __name__ == "__main__":  # a run on a node: train.py's run, ended with its task
-    from loraplace.results import die_with_parent
+    from loraplace.core.results import die_with_parent
 
     die_with_parent()
-    from loraplace.train import _quiet, run_spec_file
+    from loraplace.train.run import _quiet, run_spec_file
 
     _quiet()
     spec_path = Path(sys.argv[1])

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from loraplace.errors import UserError, did_you_mean
-from loraplace.strategies import SEED_COMPARISON
+from loraplace.core.errors import UserError, did_you_mean
+from loraplace.plan.strategies import SEED_COMPARISON
 
 
 @dataclass

@@ -25,9 +25,9 @@ from pathlib import Path
 import yaml
 
 from loraplace.config import StudyConfig
-from loraplace.errors import UserError
-from loraplace.lock import acquire
-from loraplace.results import (
+from loraplace.core.errors import UserError
+from loraplace.core.lock import acquire
+from loraplace.core.results import (
     damaged_results,
     load_results,
     peak_memory_restartable,
@@ -36,7 +36,7 @@ from loraplace.results import (
     write_result,
     write_text,
 )
-from loraplace.strategies import Strategy, resolve, to_dict
+from loraplace.plan.strategies import Strategy, resolve, to_dict
 
 # Keys that change what a run computes; the others (strategy list, reporting) do not.
 NOT_RUN_KEYS = (
@@ -77,12 +77,12 @@ class Prepared:
 def prepare(cfg: StudyConfig) -> Prepared:
     """Check hardware, model, strategies and data without loading weights (one sentence for
     anything wrong); resolve what `auto` takes on this machine."""
-    from loraplace.budget import equalize
-    from loraplace.data import load_rows
-    from loraplace.hardware import Machine, resolve_paths
-    from loraplace.models import meta_model, resolve
-    from loraplace.placement import place
-    from loraplace.roles import classify
+    from loraplace.data.rows import load_rows
+    from loraplace.fast.hardware import Machine, resolve_paths
+    from loraplace.plan.budget import equalize
+    from loraplace.plan.models import meta_model, resolve
+    from loraplace.plan.placement import place
+    from loraplace.plan.roles import classify
 
     try:
         paths = resolve_paths(
@@ -114,9 +114,9 @@ def _products(cfg: StudyConfig, paths, modules, meta) -> dict:
     """Measure (or read from the cache) which library runs each product shape faster here."""
     from torch import nn
 
-    from loraplace.hardware import products_for
-    from loraplace.headloss import ROWS
-    from loraplace.train import pack_rows
+    from loraplace.fast.hardware import products_for
+    from loraplace.fast.headloss import ROWS
+    from loraplace.train.run import pack_rows
 
     shapes = [(m.out_features, m.in_features) for m in modules if m.layer is not None]
     head = meta.get_output_embeddings()
@@ -177,13 +177,13 @@ def _env(cfg: StudyConfig, out: Path, name: str) -> dict:
 
 
 class Worker:
-    """A `python -m loraplace.train --serve` process: spec paths in on stdin, statuses back;
+    """A `python -m loraplace.train.run --serve` process: spec paths in on stdin, statuses back;
     each run in a child it forks."""
 
     def __init__(self) -> None:
         read, write = os.pipe()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraplace.train", "--serve", str(write)],
+            [sys.executable, "-m", "loraplace.train.run", "--serve", str(write)],
             stdin=subprocess.PIPE,
             text=True,
             pass_fds=(write,),
@@ -250,7 +250,7 @@ def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
     """Run one spec outside this process; its exit status (a dead worker's own status)."""
     global _worker
     if not _uses_worker(reuse_process):
-        cmd = [sys.executable, "-m", "loraplace.train", str(spec_path)]
+        cmd = [sys.executable, "-m", "loraplace.train.run", str(spec_path)]
         return subprocess.run(cmd, env=env).returncode
     code = _start_worker().run(spec_path, env)
     if code is None:
@@ -361,7 +361,7 @@ def run_local(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[
 
 def describe_paths(paths: dict, products: dict) -> str:
     """One line: the paths `auto` resolved to here, and why."""
-    from loraplace.hardware import Machine
+    from loraplace.fast.hardware import Machine
 
     machine = Machine.here()
     if paths["device"] != "cpu":

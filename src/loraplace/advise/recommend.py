@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from loraplace.budget import solve_ranks
-from loraplace.placement import Placement, place
-from loraplace.roles import ATTN_ROLES, MLP_ROLES, LinearModule, num_layers
-from loraplace.scores import ModuleScore
-from loraplace.strategies import Strategy, format_strategy, parse_strategy
+from loraplace.advise.scores import ModuleScore
+from loraplace.plan.budget import solve_ranks
+from loraplace.plan.placement import Placement, place
+from loraplace.plan.roles import ATTN_ROLES, MLP_ROLES, LinearModule, num_layers
+from loraplace.plan.strategies import Strategy, format_strategy, parse_strategy
 
 SCORES = ("grad", "lora_b", "plop", "params")
 SCORE_TEXT = {
@@ -156,11 +156,11 @@ def run_advise(
 
     import torch
 
-    from loraplace.data import load_rows, tokenize
-    from loraplace.errors import UserError
-    from loraplace.models import load_model, resolve
-    from loraplace.roles import classify
-    from loraplace.scores import score_modules
+    from loraplace.advise.scores import score_modules
+    from loraplace.core.errors import UserError
+    from loraplace.data.rows import load_rows, tokenize
+    from loraplace.plan.models import load_model, resolve
+    from loraplace.plan.roles import classify
 
     start = time.perf_counter()
     if score not in SCORES:

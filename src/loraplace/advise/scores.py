@@ -1,6 +1,6 @@
 """Cheap per-module scores for where LoRA should go, from a few batches of training data.
 
-    from loraplace.scores import score_modules
+    from loraplace.advise.scores import score_modules
     scores = score_modules(model, examples[:64], classify(model), alpha=32)
     scores["model.layers.0.self_attn.q_proj"].nfn      # PLoP's normalized feature norm
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplace.data import IGNORE, Collator, Example
-from loraplace.modes import evaluating
-from loraplace.roles import LinearModule
+from loraplace.core.modes import evaluating
+from loraplace.data.rows import IGNORE, Collator, Example
+from loraplace.plan.roles import LinearModule
 
 
 @dataclass(frozen=True)

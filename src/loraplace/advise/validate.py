@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as sps
 
-from loraplace.advise import SCORES, run_advise
+from loraplace.advise.recommend import SCORES, run_advise
 from loraplace.config import StudyConfig
-from loraplace.errors import UserError
-from loraplace.results import write_json, write_text
+from loraplace.core.errors import UserError
+from loraplace.core.results import write_json, write_text
 
 N_BOOT = 2000
 

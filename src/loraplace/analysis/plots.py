@@ -14,8 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from loraplace.results import write_bytes_atomic  # noqa: E402
-from loraplace.roles import ATTN_ROLES, MLP_ROLES  # noqa: E402
+from loraplace.core.results import write_bytes_atomic  # noqa: E402
+from loraplace.plan.roles import ATTN_ROLES, MLP_ROLES  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from loraplace import plots, stats
-from loraplace.errors import UserError
-from loraplace.results import (
+from loraplace.analysis import plots, stats
+from loraplace.core.errors import UserError
+from loraplace.core.results import (
     SUMMARY_COLUMNS,
     damaged_results,
     load_results,
@@ -76,7 +76,7 @@ def _read_config(out: Path) -> dict:
 
 def _missing(config: dict, results: list[dict]) -> list[str]:
     """Runs the study's config asks for (its depth sweep included) with no result file."""
-    from loraplace.strategies import resolve
+    from loraplace.plan.strategies import resolve
 
     have = {(r["strategy"], r["seed"]) for r in results}
     try:

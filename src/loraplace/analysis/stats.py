@@ -3,7 +3,7 @@
 Every run is evaluated on the same N examples, so two strategies can be compared
 example by example (paired), pooling seeds by averaging them per example.
 
-    from loraplace import stats
+    from loraplace.analysis import stats
 
     table = stats.aggregate(summary)  # one row per strategy, mean/std/t-interval
     # per_example[(strategy, seed)] = per-example mean eval loss, shape (N,)

@@ -4,7 +4,7 @@ Records use the Alpaca field layout (``instruction``, ``input``, ``output``) and
 eleven task families, each with a consistent answer format, so a small model can learn the
 patterns from about a hundred rows. All text is written for this project; nothing is copied.
 
-    from loraplace.embedded_data import records
+    from loraplace.data.embedded import records
     rows = records(120)             # same rows on every call; records(240)[:120] == rows
     rows[0]["instruction"], rows[0]["input"], rows[0]["output"]
 """

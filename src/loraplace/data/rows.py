@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from loraplace import embedded_data
-from loraplace.errors import UserError
-from loraplace.modes import evaluating
+from loraplace.core.errors import UserError
+from loraplace.core.modes import evaluating
+from loraplace.data import embedded as embedded_data
 
 FIELDS = ("instruction", "input", "output")
 IGNORE = -100

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from loraplace.errors import UserError
+from loraplace.core.errors import UserError
 
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # x86 flags of CPUs that multiply bfloat16 natively
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
@@ -73,7 +73,7 @@ def cpu_info(text: str) -> tuple[str, frozenset[str]]:
 def _here() -> Machine:
     import torch
 
-    from loraplace.kernels import onednn_available
+    from loraplace.fast.kernels import onednn_available
 
     try:
         cpu, flags = cpu_info(Path("/proc/cpuinfo").read_text())
@@ -218,7 +218,7 @@ def _time_products(out_f: int, in_f: int, rows: int, reps: int) -> dict[str, lis
     """Best-of-`reps` seconds for one product of this shape, per direction and library."""
     import torch
 
-    from loraplace.kernels import linear
+    from loraplace.fast.kernels import linear
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(out_f, in_f, generator=generator)
@@ -239,7 +239,7 @@ def _time_products(out_f: int, in_f: int, rows: int, reps: int) -> dict[str, lis
 def _cache_file(shapes: list[tuple[int, int]], rows: int, threads: int) -> Path:
     import torch
 
-    from loraplace.models import cache_dir
+    from loraplace.plan.models import cache_dir
 
     machine = Machine.here()
     key = json.dumps([machine.cpu, sorted(machine.flags), machine.isa_limits, torch.__version__,
@@ -258,7 +258,7 @@ def product_table(
     limits, torch version, thread count and shapes."""
     import torch
 
-    from loraplace.results import write_json
+    from loraplace.core.results import write_json
 
     shapes = sorted(set(shapes))
     threads = threads or torch.get_num_threads()
@@ -312,7 +312,7 @@ def remembered_check(name: str, model, device: str, check, *args) -> bool:
     import transformers
 
     from loraplace import __version__
-    from loraplace.models import cache_dir
+    from loraplace.plan.models import cache_dir
 
     code = Path(sys.modules[check.__module__].__file__).read_bytes()  # the check's own code
     attention = getattr(model.config, "_attn_implementation", None)
@@ -327,7 +327,7 @@ def remembered_check(name: str, model, device: str, check, *args) -> bool:
     except (OSError, ValueError, KeyError):
         pass
     ok = bool(check(model, device, *args))
-    from loraplace.results import write_json
+    from loraplace.core.results import write_json
 
     write_json(path, {"check": name, "ok": ok})
     return ok

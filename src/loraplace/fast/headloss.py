@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loraplace.data import IGNORE
-from loraplace.kernels import directions, linear, linear_input_grad, training_low
-from loraplace.modes import evaluating
+from loraplace.core.modes import evaluating
+from loraplace.data.rows import IGNORE
+from loraplace.fast.kernels import directions, linear, linear_input_grad, training_low
 
 ROWS = 128  # tokens per block of logits: 24 MB at a 49k vocabulary
 

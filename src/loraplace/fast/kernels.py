@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplace.modes import evaluating
+from loraplace.core.modes import evaluating
 
 # oneDNN, and ideep (torch's layer over it), each cache a primitive per (tokens, shape), and
 # chunks vary in length. With their default capacities (1024) oneDNN's cache grew a 3-epoch
@@ -355,7 +355,7 @@ def _lora_supported(layer) -> bool:
 def _frozen(layer) -> bool:
     from transformers.pytorch_utils import Conv1D
 
-    from loraplace.roles import is_adaptable
+    from loraplace.plan.roles import is_adaptable
 
     return (
         is_adaptable(layer)

@@ -12,7 +12,7 @@ import torch
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from loraplace.placement import Placement, lora_config
+from loraplace.plan.placement import Placement, lora_config
 
 PEFT_PREFIX = "base_model.model."
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import itertools
 from dataclasses import replace
 
-from loraplace.placement import place
-from loraplace.roles import LinearModule
-from loraplace.strategies import Strategy
+from loraplace.plan.placement import place
+from loraplace.plan.roles import LinearModule
+from loraplace.plan.strategies import Strategy
 
 
 def cost_per_rank(modules: list[LinearModule], strategy: Strategy) -> dict[str, int]:

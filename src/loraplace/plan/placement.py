@@ -1,6 +1,6 @@
 """Placement as a pure function: classified modules + strategy -> exact module paths and cost.
 
-    from loraplace.placement import place
+    from loraplace.plan.placement import place
     p = place(classify(meta_model), BUILTINS["attention"], rank=16)
     p.trainable_params, p.trainable_by_role, p.paths[:1]
 
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 
-from loraplace.errors import UserError
-from loraplace.roles import ROLES, LinearModule, num_layers
-from loraplace.strategies import Strategy, select_layers
+from loraplace.core.errors import UserError
+from loraplace.plan.roles import ROLES, LinearModule, num_layers
+from loraplace.plan.strategies import Strategy, select_layers
 
 
 @dataclass(frozen=True)

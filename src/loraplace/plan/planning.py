@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraplace.budget import equalize
-from loraplace.errors import UserError
-from loraplace.models import ModelSource, base_params, meta_model
-from loraplace.placement import Placement, place
-from loraplace.roles import ROLES, LinearModule, classify, num_layers
-from loraplace.strategies import Strategy
+from loraplace.core.errors import UserError
+from loraplace.plan.budget import equalize
+from loraplace.plan.models import ModelSource, base_params, meta_model
+from loraplace.plan.placement import Placement, place
+from loraplace.plan.roles import ROLES, LinearModule, classify, num_layers
+from loraplace.plan.strategies import Strategy
 
 
 @dataclass(frozen=True)

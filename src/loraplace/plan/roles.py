@@ -1,6 +1,6 @@
 """Which layer and which role each adaptable linear module of a causal LM plays.
 
-    from loraplace.roles import classify
+    from loraplace.plan.roles import classify
     modules = classify(model)        # model may live on the meta device
     [(m.path, m.layer, m.role) for m in modules][:2]
     # [('transformer.h.0.attn.c_attn', 0, 'attn.qkv'), ('transformer.h.0.attn.c_proj', 0, 'attn.out')]

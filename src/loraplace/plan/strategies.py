@@ -1,6 +1,6 @@
 """Placement strategies: which roles, in which layers, get adapters.
 
-    from loraplace.strategies import parse_strategy
+    from loraplace.plan.strategies import parse_strategy
     parse_strategy("top6=attn,mlp.down@top:6")
     # Strategy(name='top6', roles=('attn.qkv', ..., 'mlp.down'), layers='top:6', ...)
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from loraplace.errors import UserError, one_of
-from loraplace.roles import ATTN_ROLES, MLP_ROLES
+from loraplace.core.errors import UserError, one_of
+from loraplace.plan.roles import ATTN_ROLES, MLP_ROLES
 
 ROLE_GROUPS = {"attn": ATTN_ROLES, "mlp": MLP_ROLES, "attn.*": ATTN_ROLES, "mlp.*": MLP_ROLES}
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraplace.results import umask
+from loraplace.core.results import umask
 
 PREFIX = "checkpoint-"
 MANIFEST = "loraplace.json"

@@ -15,9 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from loraplace.data import IGNORE, PackedCollator, balanced_groups
-from loraplace.headloss import head_token_losses
-from loraplace.modes import evaluating
+from loraplace.core.modes import evaluating
+from loraplace.data.rows import IGNORE, PackedCollator, balanced_groups
+from loraplace.fast.headloss import head_token_losses
 
 
 @torch.no_grad()

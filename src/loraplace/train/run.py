@@ -1,7 +1,7 @@
 """One training run: resolved config in, result out. Self-contained, so any process can run it.
 
-    python -m loraplace.train OUT/runs/full/seed-42/spec.json   # writes result.json beside it
-    python -m loraplace.train --serve FD    # runs the specs named on stdin, replies on FD
+    python -m loraplace.train.run OUT/runs/full/seed-42/spec.json   # writes result.json beside it
+    python -m loraplace.train.run --serve FD    # runs the specs named on stdin, replies on FD
 
 The run loads the model, attaches the planned adapters (checked against the plan), evaluates
 the untrained model, trains with the Hugging Face Trainer, evaluates at every epoch end with the
@@ -29,9 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraplace import __version__, checkpoints, faults
+from loraplace import __version__
 from loraplace.config import StudyConfig
-from loraplace.data import (
+from loraplace.core import faults
+from loraplace.core.results import (
+    die_with_parent,
+    environment,
+    private_memory_mb,
+    restart_peak_memory,
+    write_json,
+    write_result,
+)
+from loraplace.data.rows import (
     Collator,
     PackedCollator,
     dataset_name,
@@ -40,16 +49,14 @@ from loraplace.data import (
     prompt,
     tokenize,
 )
-from loraplace.evaluate import example_losses, example_means, greedy_generations, token_weighted
-from loraplace.hardware import remembered_check
-from loraplace.kernels import limit_onednn_caches
-from loraplace.results import (
-    die_with_parent,
-    environment,
-    private_memory_mb,
-    restart_peak_memory,
-    write_json,
-    write_result,
+from loraplace.fast.hardware import remembered_check
+from loraplace.fast.kernels import limit_onednn_caches
+from loraplace.train import checkpoints
+from loraplace.train.evaluate import (
+    example_losses,
+    example_means,
+    greedy_generations,
+    token_weighted,
 )
 
 
@@ -132,8 +139,8 @@ def _callback(evaluate, curves: dict):
 def _chunked_trainer(fused_head_loss: bool = False, onednn_head=(False, False)):
     from transformers import Trainer
 
-    from loraplace.data import IGNORE
-    from loraplace.headloss import head_loss
+    from loraplace.data.rows import IGNORE
+    from loraplace.fast.headloss import head_loss
 
     class ChunkedTrainer(Trainer):
         """Runs one optimizer step's packed chunks one at a time, each weighted by its share of
@@ -218,7 +225,7 @@ class Phases(dict):
 
 def run_paths(spec: dict, cfg: StudyConfig) -> dict:
     """The paths the study resolved for this run, or (a spec without them) resolved here."""
-    from loraplace.hardware import Machine, resolve_paths
+    from loraplace.fast.hardware import Machine, resolve_paths
 
     if "paths" in spec:
         return spec["paths"]
@@ -230,9 +237,9 @@ def run_paths(spec: dict, cfg: StudyConfig) -> dict:
 
 def run_products(spec: dict, cfg: StudyConfig, paths: dict, model) -> dict:
     """Which library runs each float32 product shape: the study's measurement, or made here."""
-    from loraplace.hardware import Paths, products_for
-    from loraplace.headloss import ROWS
-    from loraplace.roles import classify
+    from loraplace.fast.hardware import Paths, products_for
+    from loraplace.fast.headloss import ROWS
+    from loraplace.plan.roles import classify
 
     if "products" in spec:
         return spec["products"]
@@ -248,7 +255,7 @@ def pack_rows(cfg: StudyConfig) -> int:
 
 
 def _load(cfg: StudyConfig, device: str):
-    from loraplace.models import load_model, resolve
+    from loraplace.plan.models import load_model, resolve
 
     model, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code))
     model.to(device)
@@ -262,7 +269,7 @@ def _load(cfg: StudyConfig, device: str):
 
 def _batching(cfg: StudyConfig, model, tokenizer, device: str, notes: Notes) -> dict:
     """How training and evaluation batch their examples: packed where checked exact."""
-    from loraplace.segments import use_segment_attention
+    from loraplace.fast.segments import use_segment_attention
 
     pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
     wanted = cfg.packing and cfg.fuse_accumulation and pad_to is None
@@ -297,7 +304,7 @@ def _batching(cfg: StudyConfig, model, tokenizer, device: str, notes: Notes) -> 
 def _head(model, device: str, paths: dict, products: dict, notes: Notes) -> dict:
     """Whether the head-and-loss functions give this model's loss, with the default BLAS and
     with the head's chosen libraries: checked once, here, for training and evaluation."""
-    from loraplace.headloss import head_loss_matches
+    from loraplace.fast.headloss import head_loss_matches
 
     pair = tuple(products.get("head", (paths["onednn_head"],) * 2))
     blocks = remembered_check("head", model, device, head_loss_matches, 1e-4, (False, False))
@@ -342,14 +349,14 @@ def train_run(spec: dict) -> dict:
     """Run one (strategy, seed) and return its metrics; raises on failure."""
     from transformers import PrinterCallback, Trainer
 
-    from loraplace.adapters import attach
     from loraplace.bench import architecture
-    from loraplace.headloss import head_is_frozen
-    from loraplace.kernels import accelerate
-    from loraplace.placement import place
-    from loraplace.roles import classify
+    from loraplace.fast.headloss import head_is_frozen
+    from loraplace.fast.kernels import accelerate
+    from loraplace.plan.adapters import attach
+    from loraplace.plan.placement import place
+    from loraplace.plan.roles import classify
+    from loraplace.plan.strategies import from_dict
     from loraplace.runner import run_settings
-    from loraplace.strategies import from_dict
 
     cfg = StudyConfig(**spec["config"])
     strategy, seed, run_dir = from_dict(spec["strategy"]), spec["seed"], Path(spec["run_dir"])
@@ -636,12 +643,12 @@ def _preload() -> None:
     import peft  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
-    import loraplace.adapters  # noqa: F401
     import loraplace.bench  # noqa: F401
-    import loraplace.headloss  # noqa: F401
-    import loraplace.kernels  # noqa: F401
-    import loraplace.models  # noqa: F401
-    import loraplace.segments  # noqa: F401
+    import loraplace.fast.headloss  # noqa: F401
+    import loraplace.fast.kernels  # noqa: F401
+    import loraplace.fast.segments  # noqa: F401
+    import loraplace.plan.adapters  # noqa: F401
+    import loraplace.plan.models  # noqa: F401
 
 
 def _finish_loggers() -> None:

@@ -1,0 +1,1 @@
+"""Results in, statistics, plots and the report out."""

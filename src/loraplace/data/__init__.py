@@ -1,0 +1,1 @@
+"""Rows in, tokenized examples and batches out."""

@@ -1,0 +1,1 @@
+"""One run: its steps, the Trainer, the fork server, evaluation, checkpoints."""
