@@ -303,3 +303,50 @@ def test_missing_file(tmp_path):
 def test_to_dict_round_trips():
     cfg = load_config(sets=["rank=8", "seeds=[1,2]"])
     assert load_config(overrides=cfg.to_dict()) == cfg
+
+
+def test_every_fast_path_is_in_the_readme_and_the_ones_that_change_numbers_say_so():
+    from loraplace.config import FAST_PATHS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Fast paths", 1)[1].split("\n## ", 1)[0]
+    missing = [p.key for p in FAST_PATHS if f"`{p.key}`" not in section]
+    assert not missing, f"README's Fast paths section does not name {missing}"
+    changes = section.split("change numbers", 1)[1]
+    assert {p.key for p in FAST_PATHS if p.changes} == {
+        p.key for p in FAST_PATHS if f"`{p.key}" in changes
+    }
+
+
+def test_plain_turns_every_fast_path_off_and_nothing_else():
+    from loraplace.config import FAST_PATHS, StudyConfig
+
+    cfg = StudyConfig(rank=8, packing=True)
+    plain = cfg.plain()
+    assert all(getattr(plain, p.key) == p.plain for p in FAST_PATHS)
+    assert all(getattr(cfg, p.key) != p.plain for p in FAST_PATHS)  # the defaults are fast
+    assert plain.rank == 8 and plain.to_dict().keys() == cfg.to_dict().keys()
+
+
+def test_a_fast_path_whose_prerequisite_is_off_is_named():
+    from loraplace.config import StudyConfig, idle_fast_paths
+
+    assert idle_fast_paths(StudyConfig()) == []
+    lines = idle_fast_paths(StudyConfig(packing=False))
+    assert lines == [
+        "segment_attention does nothing in this study: it needs packing",
+        "fused_head_loss does nothing in this study: it needs packing",
+    ]
+    assert idle_fast_paths(StudyConfig(pad_to="max_length"))[0].endswith("it needs pad_to")
+    assert idle_fast_paths(StudyConfig(onednn=False)) == [
+        "product_dtype does nothing in this study: it needs onednn"
+    ]
+
+
+def test_only_settings_that_change_a_run_decide_whether_it_is_reused():
+    from loraplace.config import run_settings
+
+    base = run_settings({})
+    assert run_settings({"reuse_process": False, "seeds": [1, 2], "max_retries": 5}) == base
+    assert run_settings({"packing": False}) != base
+    assert run_settings({"fused_lora": False}) != base

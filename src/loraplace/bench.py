@@ -4,7 +4,7 @@
 
 (a) plain: the seed's pipeline, Hugging Face Trainer + PEFT, every example padded to
     max_length, batch 1 x grad-accum 4, one placement after another, each in a fresh process
-    that reloads the model (every switch in PLAIN off); (b) loraplace: the defaults, no
+    that reloads the model (every fast path off: `StudyConfig.plain`); (b) loraplace: the defaults, no
     padding (examples packed in chunks of at most 1.5 x max_length tokens, attention per
     example), the 4 micro-batches as one optimizer step, fused LoRA layers and SwiGLU blocks,
     the output head and its loss in token blocks, frozen products through oneDNN (in bfloat16
@@ -29,22 +29,6 @@ import torch
 
 from loraplace.config import StudyConfig
 from loraplace.core.results import write_json, write_text
-
-PLAIN = {
-    "pad_to": "max_length",
-    "fuse_accumulation": False,
-    "packing": False,
-    "segment_attention": False,
-    "fused_lora": False,
-    "fused_head_loss": False,
-    "fused_mlp": False,
-    "release_memory": False,
-    "onednn": False,
-    "onednn_head": False,
-    "reuse_base_eval": False,
-    "reuse_process": False,
-    "product_dtype": "float32",
-}
 
 
 def matmul_peak_gflops(size: int = 2048, reps: int = 8) -> dict[str, float]:
@@ -139,8 +123,9 @@ def render(report: dict) -> str:
 
 def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
     from loraplace.data.rows import load_rows, tokenize
-    from loraplace.plan.models import load_model, resolve
+    from loraplace.plan.models import resolve
     from loraplace.runner import describe_paths, prepare, run_study
+    from loraplace.train.load import load_model
 
     out = Path(out)
     prepared = prepare(cfg)
@@ -161,17 +146,16 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
     for tag in results:  # nothing carried over from an earlier benchmark
         (out / tag / "base_eval.json").unlink(missing_ok=True)
     for s in strategies:
-        for tag, extra in (("plain", PLAIN), ("loraplace", {})):
+        for tag, base in (("plain", cfg.plain()), ("loraplace", cfg)):
             folder = out / tag
             shutil.rmtree(folder / "runs" / s.name, ignore_errors=True)
             run_cfg = replace(
-                cfg,
+                base,
                 strategies=[s.name] if not s.rank_by_role else cfg.strategies,
                 generations=0,
                 checkpoint_minutes=None,  # both paths: training speed, not checkpoint writes
                 checkpoint_every=None,
                 report_to=[],
-                **extra,
             )
             start = time.perf_counter()
             found = run_study(run_cfg, folder, log=lambda line, t=tag: log(f"[{t}] {line}"))
@@ -216,28 +200,6 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
     write_json(out / "bench.json", report)
     write_text(out / "bench.md", render(report))
     return report
-
-
-def architecture(model, placement) -> dict:
-    """What the FLOP count needs to know about a model and its adapters, from the run itself."""
-    from loraplace.plan.roles import classify, hidden_size, num_layers
-
-    modules = classify(model)
-    head = model.get_output_embeddings()
-    macs = sum(m.in_features * m.out_features for m in modules if m.layer is not None)
-    macs += head.weight.shape[0] * head.weight.shape[1]
-    config = model.config
-    heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "head_dim", None) or hidden_size(model) // (heads or 1)
-    return {
-        "linear_macs_per_token": macs,
-        "n_layers": num_layers(modules),
-        "attn_dim": (heads or 1) * head_dim,
-        "adapters": [
-            [m.path, m.in_features, m.out_features, placement.ranks[m.path]]
-            for m in placement.modules
-        ],
-    }
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,26 +48,20 @@ class StudyConfig:
     optimizer: str = "adamw_torch"
     max_length: int = 256
     loss_on: str = "all"  # all | response
-    # how it runs (none of these change what is computed, only how fast; product_dtype below
-    # changes rounding)
+    # how it runs: the fast paths, each described in FAST_PATHS below
     pad_to: str = "longest"  # longest | max_length (the seed's fixed padding)
-    fuse_accumulation: bool = True  # run the grad_accum micro-batches as one batch
-    packing: bool = True  # that batch without padding (checked exact on the model first)
-    pack_tokens: int | None = None  # tokens per packed forward; None: 1.5 x max_length (README)
-    segment_attention: bool = True  # packed rows: attention per example, not T x T masked
-    fused_lora: bool = True  # one autograd function per adapted layer (kernels.py)
-    fused_head_loss: bool = True  # output head + cross-entropy in token blocks (headloss.py)
-    fused_mlp: bool = True  # SwiGLU blocks: silu(gate) * up as one function, less kept (kernels.py)
-    release_memory: bool = True  # freed buffers of 1 MB or more go back to the OS (glibc)
-    # oneDNN for frozen float32 products on CPU; auto (null): per product shape, whichever
-    # library was measured faster on this machine (hardware.py); true: all of them
-    onednn: bool | None = None
-    onednn_head: bool | None = None  # the output head's products; auto follows `onednn`
-    reuse_base_eval: bool = True  # evaluate the untrained model once per study, not per run
-    reuse_process: bool = True  # Linux: runs forked from one server that imported the stack once
-    # the one switch that changes rounding: training's frozen products in bfloat16 (float32
-    # accumulation; adapters, optimizer, evaluation stay float32). auto: on CPUs that multiply
-    # bfloat16 natively (AVX-512 BF16, AMX), float32 elsewhere (README, Performance)
+    fuse_accumulation: bool = True
+    packing: bool = True
+    pack_tokens: int | None = None  # tokens per packed forward; None: 1.5 x max_length
+    segment_attention: bool = True
+    fused_lora: bool = True
+    fused_head_loss: bool = True
+    fused_mlp: bool = True
+    release_memory: bool = True
+    onednn: bool | None = None  # None: auto
+    onednn_head: bool | None = None  # None: auto, following `onednn`
+    reuse_base_eval: bool = True
+    reuse_process: bool = True
     product_dtype: str = "auto"  # auto | float32 | bfloat16
     # mid-run checkpoints (checkpoints.py): every N optimizer steps and/or every M minutes of
     # training, whichever comes first; None turns that form off. The default, 5 minutes, writes
@@ -98,6 +92,87 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def plain(self) -> StudyConfig:
+        """This study the plain way: every fast path off (Trainer + PEFT, padded batches)."""
+        return dataclasses.replace(self, **{p.key: p.plain for p in FAST_PATHS})
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """One speed switch: the plain pipeline's value, what the switch does, and what it changes
+    in the numbers beyond float32 summation order ("" for nothing)."""
+
+    key: str
+    plain: object
+    does: str
+    changes: str = ""
+    needs: tuple[str, ...] = ()  # switches that must be on (not plain) for this one to act
+    per_study: bool = False  # how a study runs its runs; a run's result does not depend on it
+
+
+# The one list of fast paths: the benchmark's plain pipeline, run reuse, the report and the
+# README's table read it (tests/test_config.py checks the README against it).
+FAST_PATHS = (
+    FastPath("pad_to", "max_length", "pad each batch to its longest example, not max_length"),
+    FastPath("fuse_accumulation", False, "the grad_accum micro-batches as one batch"),
+    FastPath(
+        "packing", False, "that batch as packed rows without padding (checked exact first)",
+        needs=("pad_to", "fuse_accumulation"),
+    ),
+    FastPath(
+        "segment_attention", False, "attention per example in a packed row, not T x T masked",
+        needs=("packing",),
+    ),
+    FastPath(
+        "fused_lora", False, "one autograd function per adapted layer (fast/kernels.py)",
+        changes="dropout masks drawn by its own generator, p rounded to 1/65536",
+    ),
+    FastPath(
+        "fused_head_loss", False, "output head and cross-entropy in token blocks",
+        needs=("packing",),
+    ),
+    FastPath("fused_mlp", False, "SwiGLU's silu(gate) * up as one function, less kept"),
+    FastPath("release_memory", False, "freed buffers of 1 MB or more go back to the OS"),
+    FastPath("onednn", False, "frozen float32 products via oneDNN where measured faster"),
+    FastPath("onednn_head", False, "the output head's products likewise"),
+    FastPath(
+        "product_dtype", "float32", "frozen training products in bfloat16 where the CPU has it",
+        changes="rounding of training's frozen products (bfloat16, float32 accumulation)",
+        needs=("onednn",),
+    ),
+    FastPath("reuse_base_eval", False, "the untrained model evaluated once per study", per_study=True),
+    FastPath("reuse_process", False, "runs forked from one server that imported the stack once", per_study=True),
+)  # fmt: skip
+FAST = {p.key: p for p in FAST_PATHS}
+
+
+def idle_fast_paths(cfg: StudyConfig) -> list[str]:
+    """Fast paths left on that cannot act, because a switch they need is off: one line each."""
+    lines = []
+    for path in FAST_PATHS:
+        if getattr(cfg, path.key) == path.plain:
+            continue
+        off = [k for k in path.needs if getattr(cfg, k) == FAST[k].plain]
+        if off:
+            lines.append(f"{path.key} does nothing in this study: it needs {' and '.join(off)}")
+    return lines
+
+
+# Keys that do not change what a run computes: which runs a study has, where they execute,
+# how the report compares them, when a run may stop and resume.
+NOT_RUN_KEYS = (
+    "strategies", "layer_study", "seeds", "reference", "compare", "report_to", "wandb_project",
+    "equal_budget", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
+    "executor", "ray_address", "gpus_per_run", "cpus_per_run", "max_retries",
+    *(p.key for p in FAST_PATHS if p.per_study),
+)  # fmt: skip
+
+
+def run_settings(config: dict) -> dict:
+    """What changes a run's result; keys an older result lacks take today's defaults."""
+    full = {**StudyConfig().to_dict(), **config}
+    return {k: v for k, v in full.items() if k not in NOT_RUN_KEYS}
 
 
 CHOICES = {

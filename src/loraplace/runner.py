@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from loraplace.config import StudyConfig
+from loraplace.config import StudyConfig, idle_fast_paths, run_settings
 from loraplace.core.errors import UserError
 from loraplace.core.lock import acquire
 from loraplace.core.results import (
@@ -37,28 +37,6 @@ from loraplace.core.results import (
     write_text,
 )
 from loraplace.plan.strategies import Strategy, resolve, to_dict
-
-# Keys that change what a run computes; the others (strategy list, reporting) do not.
-NOT_RUN_KEYS = (
-    "strategies",
-    "layer_study",
-    "seeds",
-    "reference",
-    "compare",
-    "report_to",
-    "wandb_project",
-    "equal_budget",
-    "reuse_base_eval",
-    "reuse_process",
-    "checkpoint_every",  # where a run may stop and resume, not what it computes
-    "checkpoint_minutes",
-    "keep_checkpoints",
-    "executor",
-    "ray_address",
-    "gpus_per_run",
-    "cpus_per_run",
-    "max_retries",
-)
 
 
 def resolve_strategies(cfg: StudyConfig) -> list[Strategy]:
@@ -134,12 +112,6 @@ def check_writable(out: Path) -> None:
         raise UserError(
             f"cannot write to output directory {str(out)!r} ({err.strerror or err})"
         ) from None
-
-
-def run_settings(config: dict) -> dict:
-    """What changes a run's result; keys an older result lacks take today's defaults."""
-    full = {**StudyConfig().to_dict(), **config}
-    return {k: v for k, v in full.items() if k not in NOT_RUN_KEYS}
 
 
 # Resolved paths that change what a run computes beyond float32 summation order: a finished
@@ -297,6 +269,8 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     )
     if prepared.paths:
         log(describe_paths(prepared.paths, prepared.products))
+    for line in idle_fast_paths(cfg):
+        log(f"note: {line}")
     execute(todo, cfg, out, log)
     wanted = {(s.name, seed) for s, seed in jobs}
     return [r for r in load_results(out) if (r["strategy"], r["seed"]) in wanted]

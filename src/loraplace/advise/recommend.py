@@ -159,8 +159,9 @@ def run_advise(
     from loraplace.advise.scores import score_modules
     from loraplace.core.errors import UserError
     from loraplace.data.rows import load_rows, tokenize
-    from loraplace.plan.models import load_model, resolve
+    from loraplace.plan.models import resolve
     from loraplace.plan.roles import classify
+    from loraplace.train.load import load_model
 
     start = time.perf_counter()
     if score not in SCORES:

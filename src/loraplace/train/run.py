@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from loraplace import __version__
-from loraplace.config import StudyConfig
+from loraplace.config import StudyConfig, run_settings
 from loraplace.core import faults
 from loraplace.core.results import (
     die_with_parent,
@@ -255,7 +255,8 @@ def pack_rows(cfg: StudyConfig) -> int:
 
 
 def _load(cfg: StudyConfig, device: str):
-    from loraplace.plan.models import load_model, resolve
+    from loraplace.plan.models import resolve
+    from loraplace.train.load import load_model
 
     model, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code))
     model.to(device)
@@ -349,14 +350,13 @@ def train_run(spec: dict) -> dict:
     """Run one (strategy, seed) and return its metrics; raises on failure."""
     from transformers import PrinterCallback, Trainer
 
-    from loraplace.bench import architecture
     from loraplace.fast.headloss import head_is_frozen
     from loraplace.fast.kernels import accelerate
     from loraplace.plan.adapters import attach
     from loraplace.plan.placement import place
+    from loraplace.plan.planning import architecture
     from loraplace.plan.roles import classify
     from loraplace.plan.strategies import from_dict
-    from loraplace.runner import run_settings
 
     cfg = StudyConfig(**spec["config"])
     strategy, seed, run_dir = from_dict(spec["strategy"]), spec["seed"], Path(spec["run_dir"])
@@ -643,12 +643,13 @@ def _preload() -> None:
     import peft  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
-    import loraplace.bench  # noqa: F401
     import loraplace.fast.headloss  # noqa: F401
     import loraplace.fast.kernels  # noqa: F401
     import loraplace.fast.segments  # noqa: F401
     import loraplace.plan.adapters  # noqa: F401
     import loraplace.plan.models  # noqa: F401
+    import loraplace.plan.planning  # noqa: F401
+    import loraplace.train.load  # noqa: F401
 
 
 def _finish_loggers() -> None:
