@@ -200,28 +200,28 @@ def test_runs_forked_from_one_server_give_what_fresh_processes_give(
 
 
 def test_a_failed_run_leaves_the_server_serving(capsys, tiny_gpt2_dir, tmp_path):
-    from loraplace import runner
+    from loraplace.train import server
 
     broken = tmp_path / "spec.json"
     broken.write_text("{not json")  # its run dies before it can write a result
-    assert runner.run_spec(broken, dict(os.environ), reuse_process=True) != 0
-    server = runner._worker.proc.pid
+    assert server.run_spec(broken, dict(os.environ), reuse_process=True) != 0
+    pid = server._worker.proc.pid
     code, stdout, _ = study(
         capsys, tiny_gpt2_dir, tmp_path / "out", "--strategy", "full", "--set", "reuse_process=true"
     )
     assert code == 0 and "full seed 42: ok" in stdout
     result = json.loads((tmp_path / "out/runs/full/seed-42/result.json").read_text())
-    assert result["parent_process"] == server
+    assert result["parent_process"] == pid
 
 
 def test_a_dead_server_is_replaced(capsys, tiny_gpt2_dir, tmp_path):
-    from loraplace import runner
+    from loraplace.train import server
 
     broken = tmp_path / "spec.json"
     broken.write_text("{not json")
-    runner.run_spec(broken, dict(os.environ), reuse_process=True)
-    runner._worker.proc.kill()
-    runner._worker.proc.wait()
+    server.run_spec(broken, dict(os.environ), reuse_process=True)
+    server._worker.proc.kill()
+    server._worker.proc.wait()
     code, stdout, _ = study(
         capsys, tiny_gpt2_dir, tmp_path / "out", "--strategy", "full", "--set", "reuse_process=true"
     )
@@ -319,3 +319,23 @@ def test_base_model_is_evaluated_once_per_study(tiny_gpt2_dir, tmp_path):
         | {"base_eval": str(tmp_path / "base.json")}
     )
     assert other["metrics"]["base_eval_loss"] != first["metrics"]["base_eval_loss"]
+
+
+def test_a_run_attaches_the_plan_the_study_made_and_refuses_a_model_that_places_otherwise():
+    from conftest import tiny_model
+
+    from loraplace.config import StudyConfig
+    from loraplace.plan.placement import place
+    from loraplace.plan.roles import classify
+    from loraplace.plan.strategies import resolve, to_dict
+    from loraplace.runner import plan_record
+    from loraplace.train.run import planned_placement
+
+    model, cfg = tiny_model("gpt2"), StudyConfig()
+    (attention,) = resolve(["attention"])
+    plan = plan_record(place(classify(model), attention, cfg.rank, cfg.bias))
+    spec = {"strategy": to_dict(attention), "plan": plan}
+    assert planned_placement(spec, model, cfg).ranks == plan["ranks"]
+    shrunk = {**plan, "ranks": dict(list(plan["ranks"].items())[1:])}  # a module fewer
+    with pytest.raises(RuntimeError, match="does not place 'attention' as planned"):
+        planned_placement({**spec, "plan": shrunk | {"trainable_params": 1}}, model, cfg)

@@ -13,11 +13,8 @@ which restarts its peak-memory count; a server that dies is started again. With
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +27,13 @@ from loraplace.core.lock import acquire
 from loraplace.core.results import (
     damaged_results,
     load_results,
-    peak_memory_restartable,
     run_dir,
     write_json,
     write_result,
     write_text,
 )
 from loraplace.plan.strategies import Strategy, resolve, to_dict
+from loraplace.train import server
 
 
 def resolve_strategies(cfg: StudyConfig) -> list[Strategy]:
@@ -50,6 +47,7 @@ class Prepared:
     strategies: list[Strategy]
     paths: dict | None  # None: resolved by each cluster node (executor ray)
     products: dict
+    plans: dict[str, dict]  # strategy name -> its placement: module path -> rank, and the count
 
 
 def prepare(cfg: StudyConfig) -> Prepared:
@@ -79,13 +77,17 @@ def prepare(cfg: StudyConfig) -> Prepared:
                 f"equal_budget names {cfg.equal_budget!r}, which is not among the strategies"
             )
         strategies = equalize(modules, strategies, cfg.equal_budget, cfg.rank)
-    for s in strategies:
-        place(modules, s, cfg.rank, cfg.bias)
+    plans = {s.name: plan_record(place(modules, s, cfg.rank, cfg.bias)) for s in strategies}
     for split in (cfg.train_split, cfg.eval_split):
         load_rows(cfg.data, split)
     if paths is None:
-        return Prepared(strategies, None, {})
-    return Prepared(strategies, paths.to_dict(), _products(cfg, paths, modules, meta))
+        return Prepared(strategies, None, {}, plans)
+    return Prepared(strategies, paths.to_dict(), _products(cfg, paths, modules, meta), plans)
+
+
+def plan_record(placement) -> dict:
+    """What a run must attach: the modules and their ranks, and the trainable count."""
+    return {"ranks": placement.ranks, "trainable_params": placement.trainable_params}
 
 
 def _products(cfg: StudyConfig, paths, modules, meta) -> dict:
@@ -148,89 +150,6 @@ def _env(cfg: StudyConfig, out: Path, name: str) -> dict:
     return env
 
 
-class Worker:
-    """A `python -m loraplace.train.run --serve` process: spec paths in on stdin, statuses back;
-    each run in a child it forks."""
-
-    def __init__(self) -> None:
-        read, write = os.pipe()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraplace.train.run", "--serve", str(write)],
-            stdin=subprocess.PIPE,
-            text=True,
-            pass_fds=(write,),
-        )
-        os.close(write)
-        self.replies = os.fdopen(read)
-        self.jobs = 0
-
-    def run(self, spec_path: Path, env: dict) -> int | None:
-        """The run's exit status; None if the worker died (it is not used again)."""
-        try:
-            job = {"spec": str(spec_path), "env": env, "cwd": os.getcwd()}
-            self.proc.stdin.write(json.dumps(job) + "\n")
-            self.proc.stdin.flush()
-            self.jobs += 1
-        except OSError:
-            return None
-        line = self.replies.readline()
-        return json.loads(line)["code"] if line else None
-
-    def close(self, timeout: float | None = None) -> int:
-        """End its input (it exits after the run in hand); kill it if `timeout` passes first,
-        or at once if it was never given a run."""
-        timeout = timeout if self.jobs else 0
-        if self.proc.stdin and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-        self.replies.close()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-_worker: Worker | None = None
-
-
-def _close_worker(timeout: float | None = 30) -> None:
-    global _worker
-    if _worker is not None:
-        _worker.close(timeout)
-        _worker = None
-
-
-atexit.register(_close_worker)
-
-
-def _uses_worker(reuse_process: bool) -> bool:
-    return reuse_process and peak_memory_restartable()  # else every run gets its own peak
-
-
-def _start_worker() -> Worker:
-    global _worker
-    if _worker is None or _worker.proc.poll() is not None:
-        _close_worker()
-        _worker = Worker()
-    return _worker
-
-
-def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
-    """Run one spec outside this process; its exit status (a dead worker's own status)."""
-    global _worker
-    if not _uses_worker(reuse_process):
-        cmd = [sys.executable, "-m", "loraplace.train.run", str(spec_path)]
-        return subprocess.run(cmd, env=env).returncode
-    code = _start_worker().run(spec_path, env)
-    if code is None:
-        worker, _worker = _worker, None
-        return worker.close()
-    return code
-
-
 def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     """Run every missing (strategy, seed); return all results found under OUT."""
     out = Path(out)
@@ -238,8 +157,8 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         from loraplace.cluster import require_ray
 
         require_ray()
-    elif _uses_worker(cfg.reuse_process):  # its imports overlap the checks below
-        _start_worker()
+    elif server.uses_worker(cfg.reuse_process):  # its imports overlap the checks below
+        server.start_worker()
     prepared = prepare(cfg)
     strategies = prepared.strategies
     check_writable(out)
@@ -256,6 +175,7 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
             "config": cfg.to_dict(),
             "strategy": to_dict(s),
             "seed": seed,
+            "plan": prepared.plans[s.name],
             "run_dir": str(run_dir(out, s.name, seed)),
             "base_eval": str(out / "base_eval.json"),
         }
@@ -305,11 +225,11 @@ def run_local(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[
         write_json(folder / "spec.json", spec)
         t0 = time.perf_counter()
         try:
-            code = run_spec(
+            code = server.run_spec(
                 folder / "spec.json", _env(cfg, out, f"{name}-seed-{seed}"), cfg.reuse_process
             )
         except KeyboardInterrupt:  # Ctrl-C: stop the run (it dies with its server), record nothing
-            _close_worker(timeout=0)
+            server.close_worker(timeout=0)
             raise
         durations.append(time.perf_counter() - t0)
         if not (folder / "result.json").is_file():  # the process died before it could say why

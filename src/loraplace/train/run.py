@@ -1,7 +1,6 @@
 """One training run: resolved config in, result out. Self-contained, so any process can run it.
 
     python -m loraplace.train.run OUT/runs/full/seed-42/spec.json   # writes result.json beside it
-    python -m loraplace.train.run --serve FD    # runs the specs named on stdin, replies on FD
 
 The run loads the model, attaches the planned adapters (checked against the plan), evaluates
 the untrained model, trains with the Hugging Face Trainer, evaluates at every epoch end with the
@@ -12,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import gc
 import hashlib
 import json
 import math
 import os
 import random
 import resource
-import signal
 import sys
 import time
 import traceback
@@ -36,7 +33,6 @@ from loraplace.core.results import (
     die_with_parent,
     environment,
     private_memory_mb,
-    restart_peak_memory,
     write_json,
     write_result,
 )
@@ -50,7 +46,7 @@ from loraplace.data.rows import (
     tokenize,
 )
 from loraplace.fast.hardware import remembered_check
-from loraplace.fast.kernels import limit_onednn_caches
+from loraplace.plan.planning import architecture
 from loraplace.train import checkpoints
 from loraplace.train.evaluate import (
     example_losses,
@@ -58,6 +54,7 @@ from loraplace.train.evaluate import (
     greedy_generations,
     token_weighted,
 )
+from loraplace.train.trainer import chunked_trainer, recorder, training_args
 
 
 def release_freed_memory() -> bool:
@@ -97,73 +94,6 @@ def peak_memory_mb(device: str) -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # this process only: runs are isolated
     server = private_memory_mb(SERVER) if SERVER else 0.0
     return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10) + server
-
-
-def _callback(evaluate, curves: dict):
-    from transformers import TrainerCallback
-
-    class Recorder(TrainerCallback):
-        """Train loss per optimizer step; shared evaluation at every epoch end; NaN stops the run."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                curves["train"].append(
-                    {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"]}
-                )
-                if not math.isfinite(logs["loss"]):
-                    raise FloatingPointError(
-                        f"train loss became {logs['loss']} at step {state.global_step}"
-                    )
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-            if grads and not torch.isfinite(torch.stack([g.abs().max() for g in grads])).all():
-                raise FloatingPointError(
-                    f"non-finite gradient at step {state.global_step + 1}: the loss diverged"
-                )
-
-        def on_epoch_end(self, args, state, control, **kwargs):
-            per_example = evaluate()
-            curves["eval"].append(
-                {
-                    "step": state.global_step,
-                    "epoch": round(state.epoch, 4),
-                    "loss": token_weighted(per_example),
-                }
-            )
-            curves["last_eval"] = per_example
-
-    return Recorder()
-
-
-def _chunked_trainer(fused_head_loss: bool = False, onednn_head=(False, False)):
-    from transformers import Trainer
-
-    from loraplace.data.rows import IGNORE
-    from loraplace.fast.headloss import head_loss
-
-    class ChunkedTrainer(Trainer):
-        """Runs one optimizer step's packed chunks one at a time, each weighted by its share of
-        the step's target tokens: the gradient of the fused batch, the memory of one chunk.
-        With `fused_head_loss` a chunk's loss is `headloss.head_loss` (no whole logits), its
-        head's two products (forward, input gradient) through oneDNN where `onednn_head` says."""
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            model.train()
-            chunks = inputs["chunks"]
-            counts = [int((c["labels"][..., 1:] != IGNORE).sum()) for c in chunks]
-            total = None
-            for chunk, count in zip(chunks, counts, strict=True):
-                chunk = self._prepare_inputs(chunk)
-                if fused_head_loss:
-                    loss = head_loss(model, chunk, onednn_head) / sum(counts)
-                else:
-                    loss = model(**chunk).loss * (count / sum(counts))
-                self.accelerator.backward(loss)
-                total = loss.detach() if total is None else total + loss.detach()
-            return total
-
-    return ChunkedTrainer
 
 
 BASE_EVAL_KEYS = (
@@ -318,175 +248,75 @@ def _head(model, device: str, paths: dict, products: dict, notes: Notes) -> dict
     return {"blocks": blocks, "onednn": pair}
 
 
-def _training_args(cfg: StudyConfig, run_dir: Path, seed: int, name: str, device: str):
-    from transformers import TrainingArguments
+@dataclasses.dataclass
+class Run:
+    """What every step of one run reads: its config, where it runs, and what it has noted."""
 
-    fused = cfg.fuse_accumulation
-    return TrainingArguments(
-        output_dir=str(run_dir / "trainer"),
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size * (cfg.grad_accum if fused else 1),
-        gradient_accumulation_steps=1 if fused else cfg.grad_accum,
-        learning_rate=cfg.lr,
-        lr_scheduler_type=cfg.scheduler,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of all steps
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optimizer,
-        seed=seed,
-        data_seed=seed,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to=cfg.report_to or "none",
-        run_name=f"{name}-seed-{seed}",
-        use_cpu=device == "cpu",
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty() and not os.environ.get("LORAPLACE_PROGRESS"),
+    spec: dict
+    cfg: StudyConfig
+    strategy: object
+    seed: int
+    run_dir: Path
+    injected: dict  # the fault suite's faults for this run, else empty
+    paths: dict
+    phases: Phases = dataclasses.field(default_factory=Phases)
+    notes: Notes = dataclasses.field(default_factory=Notes)
+    timing: dict = dataclasses.field(
+        default_factory=lambda: {"eval_s": 0.0, "checkpoint_s": 0.0, "checkpoints": 0}
     )
+    released: bool = False  # freed memory goes back to the OS (release_memory)
+
+    @property
+    def device(self) -> str:
+        return self.paths["device"]
 
 
 def train_run(spec: dict) -> dict:
-    """Run one (strategy, seed) and return its metrics; raises on failure."""
-    from transformers import PrinterCallback, Trainer
-
-    from loraplace.fast.headloss import head_is_frozen
-    from loraplace.fast.kernels import accelerate
-    from loraplace.plan.adapters import attach
-    from loraplace.plan.placement import place
-    from loraplace.plan.planning import architecture
-    from loraplace.plan.roles import classify
-    from loraplace.plan.strategies import from_dict
-
-    cfg = StudyConfig(**spec["config"])
-    strategy, seed, run_dir = from_dict(spec["strategy"]), spec["seed"], Path(spec["run_dir"])
-    injected = faults.for_run(strategy.name, seed)  # the fault suite's, else nothing
-    if "lr" in injected:
-        cfg = dataclasses.replace(cfg, lr=float(injected["lr"]))
-    phases, notes = Phases(), Notes()
-    paths = run_paths(spec, cfg)
-    device = paths["device"]
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    released = cfg.release_memory and release_freed_memory()
-    seed_everything(seed)
-
-    with phases("load"):
-        model, tokenizer, rows, sets = _load(cfg, device)
-    with phases("checks"):
-        products = run_products(spec, cfg, paths, model)
-        batching = _batching(cfg, model, tokenizer, device, notes)
-        head = _head(model, device, paths, products, notes)
-    packed, eval_packed = batching["packed"], batching["eval_packed"]
-    eval_head = None
-    if eval_packed and head["blocks"]:  # no whole logits; the same for every run
-        eval_head = "onednn" if head["onednn"][0] else "blocks"
-    timing = {"eval_s": 0.0, "checkpoint_s": 0.0, "checkpoints": 0}
-
-    def evaluate():
-        start = time.perf_counter()
-        try:
-            return example_losses(model, sets["eval"], batching["eval_collate"],
-                                  cfg.eval_batch_size, device, eval_head)  # fmt: skip
-        finally:
-            timing["eval_s"] += time.perf_counter() - start
-
-    prompts = [prompt(r) for r in rows["eval"][: cfg.generations]]
-    with phases("base_eval"):
-        base_per_example = base_evaluation(spec, cfg, device, sets["eval"], evaluate, eval_head)
-    placement = place(classify(model), strategy, cfg.rank, cfg.bias)
+    """Run one (strategy, seed) and return its result; raises on failure."""
+    run = _start(spec)
+    cfg = run.cfg
+    with run.phases("load"):
+        model, tokenizer, rows, sets = _load(cfg, run.device)
+    with run.phases("checks"):
+        products = run_products(spec, cfg, run.paths, model)
+        batching = _batching(cfg, model, tokenizer, run.device, run.notes)
+        head = _head(model, run.device, run.paths, products, run.notes)
+    eval_head = _eval_head(batching, head)
+    evaluate = _evaluator(run, model, sets["eval"], batching["eval_collate"], eval_head)
+    with run.phases("base_eval"):
+        base = base_evaluation(spec, cfg, run.device, sets["eval"], evaluate, eval_head)
+    placement = planned_placement(spec, model, cfg)
     arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
-    with phases("attach"):
-        model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
-        bf16 = paths["product_dtype"] == "bfloat16"
-        taken = accelerate(model, cfg.fused_lora, paths["onednn"], cfg.fused_mlp, bf16,
-                           products.get("decoder"))  # fmt: skip
-    if cfg.fused_lora and placement.modules and not taken["fused_lora"]:
-        notes.add("fused_lora", "no adapted layer is one the fused function reproduces exactly")
-    if bf16 and not taken["bf16_products"]:
-        notes.add("product_dtype", "no frozen float32 product to run in bfloat16")
-    fused_head = packed and cfg.fused_head_loss and head["blocks"] and head_is_frozen(model)
-    if packed and cfg.fused_head_loss and not fused_head:
-        notes.add("fused_head_loss", "the model's own loss differs from the blocked head loss")
-    head_libraries = head["onednn"] if fused_head else (False, False)
-    base_generations = []
-    if prompts:
-        with phases("generations"), model.disable_adapter():
-            base_generations = greedy_generations(
-                model, tokenizer, prompts, cfg.max_new_tokens, device, cfg.max_length
-            )
-
-    curves: dict = {"train": [], "eval": [], "last_eval": None}
-    key = checkpoints.run_key(
-        run_settings(cfg.to_dict()), spec["strategy"], seed, [e.input_ids for e in sets["train"]]
-    )
-    resume = checkpoints.latest(run_dir, key)
-    before_s = 0.0  # training time before the checkpoint resumed from
-    if resume:
-        curves.update(resume.manifest["curves"])
-        before_s = resume.manifest["train_s"]
-    trainer = (_chunked_trainer(fused_head, head_libraries) if packed else Trainer)(
-        model=model,
-        args=_training_args(cfg, run_dir, seed, strategy.name, device),
-        train_dataset=sets["train"],
-        data_collator=batching["collate"],
-        callbacks=[_callback(evaluate, curves)],
-    )
-    trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
-    eval_before = timing["eval_s"]  # the base evaluation is not training time
-
-    def train_s() -> float:
-        evals = timing["eval_s"] - eval_before
-        return before_s + time.perf_counter() - start - evals - timing["checkpoint_s"]
-
-    every_s = cfg.checkpoint_minutes * 60 if cfg.checkpoint_minutes else None
-    if cfg.checkpoint_every or every_s:
-        trainer.add_callback(
-            checkpoints.checkpointer(
-                trainer, run_dir, key, cfg.checkpoint_every, every_s, curves, timing, train_s
-            )
-        )
-    injector = faults.callback(injected)
-    if injector:
-        trainer.add_callback(injector)
-    if resume:
-        print(f"  resumed from step {resume.step} ({resume.path})", flush=True)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    with phases("train"):
-        trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
-    train_time_s = train_s()
-    phases["epoch_evals"] = timing["eval_s"] - eval_before
-
+    with run.phases("attach"):
+        model, taken = _adapt(run, model, placement, products, batching["packed"], head)
+    prompts = [prompt(r) for r in rows["eval"][: cfg.generations]]
+    with model.disable_adapter():
+        base_generations = _generations(run, model, tokenizer, prompts)
+    trainer, resume, curves = _trainer(run, model, sets["train"], batching, taken, evaluate)
+    train_time_s = _train(run, trainer, resume)
     per_example = curves.pop("last_eval") or evaluate()
     eval_loss = token_weighted(per_example)
     if not math.isfinite(eval_loss):
         raise FloatingPointError(f"eval loss is {eval_loss}")
-    base_eval_loss = token_weighted(base_per_example)
-    trained_tokens = sum(len(e.input_ids) for e in sets["train"]) * cfg.epochs
-    with phases("save"):
+    with run.phases("save"):
         checkpoints.write_dir_atomically(
-            run_dir / "adapter", lambda d: model.save_pretrained(str(d), safe_serialization=True)
+            run.run_dir / "adapter",
+            lambda d: model.save_pretrained(str(d), safe_serialization=True),
         )
-    generations = []
-    if prompts:
-        with phases("generations"):
-            generations = greedy_generations(
-                model, tokenizer, prompts, cfg.max_new_tokens, device, cfg.max_length
-            )
+    generations = _generations(run, model, tokenizer, prompts)
+    trained_tokens = sum(len(e.input_ids) for e in sets["train"]) * cfg.epochs
     return {
         "metrics": {
             "eval_loss": eval_loss,
             "perplexity": math.exp(eval_loss),
-            "base_eval_loss": base_eval_loss,
+            "base_eval_loss": token_weighted(base),
             "trainable_params": placement.trainable_params,
             "train_time_s": train_time_s,
-            "peak_memory_mb": peak_memory_mb(device),
+            "peak_memory_mb": peak_memory_mb(run.device),
             "tokens_per_s": trained_tokens / train_time_s,
             "optimizer_steps": trainer.state.global_step,
-            "checkpoints": timing["checkpoints"],
-            "checkpoint_s": timing["checkpoint_s"],
+            "checkpoints": run.timing["checkpoints"],
+            "checkpoint_s": run.timing["checkpoint_s"],
         },
         "resumed_from_step": resume.step if resume else None,
         "per_example": {
@@ -494,7 +324,7 @@ def train_run(spec: dict) -> dict:
             "tokens": [n for _, n in per_example],
             "loss": example_means(per_example),
         },
-        "base_per_example": {"loss": example_means(base_per_example)},
+        "base_per_example": {"loss": example_means(base)},
         "curves": curves,
         "placement": _placement_record(placement),
         "generations": [
@@ -507,21 +337,180 @@ def train_run(spec: dict) -> dict:
             "eval_rows": len(rows["eval"]),
             "eval_target_tokens": sum(n for _, n in per_example),
         },
-        "device": device,
-        "paths": paths,
-        "products": products,
-        "fallbacks": list(notes),
-        "phases_s": dict(phases),
-        "packed": packed,
-        "segment_attention": batching["segments"],
-        "fused_head_loss": fused_head,
-        "fused_mlp": taken["fused_mlp"] > 0,
-        "onednn_head": list(head_libraries),
-        "product_dtype": "bfloat16" if taken["bf16_products"] else "float32",
-        "packed_eval": eval_packed,
-        "eval_head": eval_head,
-        "release_memory": released,
+        **_paths_taken(run, products, batching, taken, eval_head),
         "architecture": arch,
+    }
+
+
+def _start(spec: dict) -> Run:
+    """The run's config (with any injected learning rate), resolved paths, threads and seeds."""
+    from loraplace.plan.strategies import from_dict
+
+    cfg = StudyConfig(**spec["config"])
+    strategy, seed = from_dict(spec["strategy"]), spec["seed"]
+    injected = faults.for_run(strategy.name, seed)
+    if "lr" in injected:
+        cfg = dataclasses.replace(cfg, lr=float(injected["lr"]))
+    run = Run(spec, cfg, strategy, seed, Path(spec["run_dir"]), injected, run_paths(spec, cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run.released = cfg.release_memory and release_freed_memory()
+    seed_everything(seed)
+    return run
+
+
+def _eval_head(batching: dict, head: dict) -> str | None:
+    """How evaluation computes the head's loss: in blocks (through oneDNN where chosen), no
+    whole logits, wherever evaluation is packed; the same for every run of a study."""
+    if batching["eval_packed"] and head["blocks"]:
+        return "onednn" if head["onednn"][0] else "blocks"
+    return None
+
+
+def _evaluator(run: Run, model, eval_set, collate, head: str | None):
+    """evaluate() -> per-example (loss sum, tokens); its time is counted apart from training."""
+
+    def evaluate():
+        start = time.perf_counter()
+        try:
+            return example_losses(model, eval_set, collate, run.cfg.eval_batch_size,
+                                  run.device, head)  # fmt: skip
+        finally:
+            run.timing["eval_s"] += time.perf_counter() - start
+
+    return evaluate
+
+
+def planned_placement(spec: dict, model, cfg: StudyConfig):
+    """The placement on the loaded model, which must be the study's plan: the same modules
+    with the same ranks and trainable count (a spec without a plan is placed here)."""
+    from loraplace.plan.placement import place
+    from loraplace.plan.roles import classify
+    from loraplace.plan.strategies import from_dict
+
+    placement = place(classify(model), from_dict(spec["strategy"]), cfg.rank, cfg.bias)
+    plan = spec.get("plan")
+    if plan and (
+        plan["ranks"] != placement.ranks or plan["trainable_params"] != placement.trainable_params
+    ):
+        extra = sorted(set(placement.ranks) - set(plan["ranks"]))[:3]
+        missing = sorted(set(plan["ranks"]) - set(placement.ranks))[:3]
+        raise RuntimeError(
+            f"the loaded model does not place {spec['strategy']['name']!r} as planned: "
+            f"{placement.trainable_params:,} trainable parameters against the plan's "
+            f"{plan['trainable_params']:,} (extra {extra}, missing {missing})"
+        )
+    return placement
+
+
+def _adapt(run: Run, model, placement, products: dict, packed: bool, head: dict):
+    """Attach exactly the planned adapters, then the fused functions that hold on this model."""
+    from loraplace.fast.headloss import head_is_frozen
+    from loraplace.fast.kernels import accelerate
+    from loraplace.plan.adapters import attach
+
+    cfg, notes = run.cfg, run.notes
+    model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
+    bf16 = run.paths["product_dtype"] == "bfloat16"
+    taken = accelerate(model, cfg.fused_lora, run.paths["onednn"], cfg.fused_mlp, bf16,
+                       products.get("decoder"))  # fmt: skip
+    if cfg.fused_lora and placement.modules and not taken["fused_lora"]:
+        notes.add("fused_lora", "no adapted layer is one the fused function reproduces exactly")
+    if bf16 and not taken["bf16_products"]:
+        notes.add("product_dtype", "no frozen float32 product to run in bfloat16")
+    fused_head = packed and cfg.fused_head_loss and head["blocks"] and head_is_frozen(model)
+    if packed and cfg.fused_head_loss and not fused_head:
+        notes.add("fused_head_loss", "the model's own loss differs from the blocked head loss")
+    taken["fused_head"] = bool(fused_head)
+    taken["head_libraries"] = head["onednn"] if fused_head else (False, False)
+    return model, taken
+
+
+def _generations(run: Run, model, tokenizer, prompts: list[str]) -> list[str]:
+    if not prompts:
+        return []
+    with run.phases("generations"):
+        return greedy_generations(
+            model, tokenizer, prompts, run.cfg.max_new_tokens, run.device, run.cfg.max_length
+        )
+
+
+def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
+    """The Trainer, its callbacks (curves, checkpoints, injected faults) and the checkpoint it
+    resumes from, if any."""
+    from transformers import PrinterCallback, Trainer
+
+    cfg = run.cfg
+    curves: dict = {"train": [], "eval": [], "last_eval": None}
+    key = checkpoints.run_key(
+        run_settings(cfg.to_dict()), run.spec["strategy"], run.seed,
+        [e.input_ids for e in train_set],
+    )  # fmt: skip
+    resume = checkpoints.latest(run.run_dir, key)
+    run.timing["before_s"] = 0.0  # training time before the checkpoint resumed from
+    if resume:
+        curves.update(resume.manifest["curves"])
+        run.timing["before_s"] = resume.manifest["train_s"]
+    packed = batching["packed"]
+    cls = chunked_trainer(taken["fused_head"], taken["head_libraries"]) if packed else Trainer
+    trainer = cls(
+        model=model,
+        args=training_args(cfg, run.run_dir, run.seed, run.strategy.name, run.device),
+        train_dataset=train_set,
+        data_collator=batching["collate"],
+        callbacks=[recorder(evaluate, curves)],
+    )
+    trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
+    every_s = cfg.checkpoint_minutes * 60 if cfg.checkpoint_minutes else None
+    if cfg.checkpoint_every or every_s:
+        trainer.add_callback(checkpoints.checkpointer(
+            trainer, run.run_dir, key, cfg.checkpoint_every, every_s, curves, run.timing,
+            lambda: _train_s(run),
+        ))  # fmt: skip
+    injector = faults.callback(run.injected)
+    if injector:
+        trainer.add_callback(injector)
+    return trainer, resume, curves
+
+
+def _train_s(run: Run) -> float:
+    """Training time so far: wall time since the start, less evaluations and checkpoints."""
+    t = run.timing
+    evals = t["eval_s"] - t["eval_before"]
+    return t["before_s"] + time.perf_counter() - t["start"] - evals - t["checkpoint_s"]
+
+
+def _train(run: Run, trainer, resume) -> float:
+    """Train (from the checkpoint, if resuming); the training time in seconds."""
+    if resume:
+        print(f"  resumed from step {resume.step} ({resume.path})", flush=True)
+    if run.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run.timing["eval_before"] = run.timing["eval_s"]  # the base evaluation is not training
+    run.timing["start"] = time.perf_counter()
+    with run.phases("train"):
+        trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    run.phases["epoch_evals"] = run.timing["eval_s"] - run.timing["eval_before"]
+    return _train_s(run)
+
+
+def _paths_taken(run: Run, products: dict, batching: dict, taken: dict, eval_head) -> dict:
+    """Which paths this run took, for result.json: resolved, never `auto`."""
+    return {
+        "device": run.device,
+        "paths": run.paths,
+        "products": products,
+        "fallbacks": list(run.notes),
+        "phases_s": dict(run.phases),
+        "packed": batching["packed"],
+        "segment_attention": batching["segments"],
+        "fused_head_loss": taken["fused_head"],
+        "fused_mlp": taken["fused_mlp"] > 0,
+        "onednn_head": list(taken["head_libraries"]),
+        "product_dtype": "bfloat16" if taken["bf16_products"] else "float32",
+        "packed_eval": batching["eval_packed"],
+        "eval_head": eval_head,
+        "release_memory": run.released,
     }
 
 
@@ -597,68 +586,6 @@ def memory_exhausted(headroom_mb: int = 256) -> bool:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def serve(commands, replies) -> None:
-    """Run specs one after another, each in a child forked from this process (the study's
-    `reuse_process`).
-
-    Each line of `commands` is {"spec": path, "env": environment, "cwd": folder}; its run
-    gets that environment and folder, a fresh seed (in `train_run`) and its own peak-memory
-    count, and its exit status goes back as one line {"code": status}. This process imports
-    Python's ML stack once (5.6 s per run here) and never computes anything, so every child
-    starts as a fresh process would after its imports: nothing a run allocates or leaves
-    behind reaches the next one, and OpenMP's threads are first started in the child. A run's
-    peak memory adds what only this process holds while the run is alive (`peak_memory_mb`).
-    """
-    global SERVER
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the study stops the run, not this
-    _preload()
-    gc.freeze()  # what the imports made stays untouched by the children's collections
-    for line in commands:
-        job = json.loads(line)
-        pid = os.fork()
-        if pid == 0:  # the run
-            code, SERVER = 1, os.getppid()
-            try:
-                die_with_parent()
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                os.environ.clear()
-                os.environ.update(job["env"])
-                limit_onednn_caches()  # the study's environment may not have them
-                os.chdir(job["cwd"])
-                restart_peak_memory()
-                code = run_spec_file(Path(job["spec"]))
-                _finish_loggers()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        replies.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n")
-        replies.flush()
-
-
-def _preload() -> None:
-    """Import what a run imports, without running any of it."""
-    import peft  # noqa: F401
-    from transformers import Trainer  # noqa: F401
-
-    import loraplace.fast.headloss  # noqa: F401
-    import loraplace.fast.kernels  # noqa: F401
-    import loraplace.fast.segments  # noqa: F401
-    import loraplace.plan.adapters  # noqa: F401
-    import loraplace.plan.models  # noqa: F401
-    import loraplace.plan.planning  # noqa: F401
-    import loraplace.train.load  # noqa: F401
-
-
-def _finish_loggers() -> None:
-    """A forked run ends without exit handlers: close an open W&B run by hand."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
-
-
 def _quiet() -> None:
     import warnings
 
@@ -672,10 +599,6 @@ def _quiet() -> None:
 
 if __name__ == "__main__":
     _quiet()
-    if sys.argv[1] == "--serve":
-        with os.fdopen(int(sys.argv[2]), "w") as reply_pipe:
-            serve(sys.stdin, reply_pipe)
-        sys.exit(0)
     die_with_parent()
     try:
         sys.exit(run_spec_file(Path(sys.argv[1])))
