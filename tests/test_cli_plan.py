@@ -108,3 +108,16 @@ def test_plan_embedded(capsys):
     assert code == 0
     assert "SmolLM2-135M-Instruct" in out and "134,515,008" in out and "30 layers" in out
     assert "no modules named ['c_attn', 'c_proj']" in out  # seed lists fall back to roles
+
+
+def test_plan_reads_the_study_config_so_it_plans_what_study_runs(capsys, tmp_path):
+    config = tmp_path / "study.yaml"
+    config.write_text(f"model: {DIALOGPT}\nstrategies: [full, deep=attn@top:6]\nrank: 8\n")
+    code, out, _ = run_cli(capsys, "plan", "--config", str(config), "--json")
+    planned = json.loads(out)
+    assert code == 0 and [s["name"] for s in planned["strategies"]] == ["full", "deep"]
+    full = planned["strategies"][0]
+    code, out, _ = run_cli(capsys, "plan", "--config", str(config), "--rank", "16", "--json")
+    assert json.loads(out)["strategies"][0]["trainable_params"] == 2 * full["trainable_params"]
+    code, _, err = run_cli(capsys, "plan", "--config", str(config), "--set", "rnak=4")
+    assert code == 2 and "unknown config key 'rnak'" in err and "did you mean 'rank'" in err

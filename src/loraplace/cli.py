@@ -18,8 +18,6 @@ import sys
 
 from loraplace.core.errors import UserError
 
-LORA_DEFAULTS = {"rank": 16, "alpha": 32.0, "dropout": 0.1, "bias": "none"}
-
 
 def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,24 +28,24 @@ def _quiet() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _strategies(args) -> list:
-    from loraplace.plan.strategies import SEED_COMPARISON, resolve
-
-    names = args.strategy or ([] if args.layer_study else list(SEED_COMPARISON))
-    return resolve(names, args.layer_study)
-
-
 def cmd_plan(args) -> int:
+    """What each strategy of the study's config adapts, from the model's config alone."""
+    from loraplace.config import load_config
     from loraplace.plan.models import resolve
     from loraplace.plan.planning import plan_model, render, to_json
+    from loraplace.runner import resolve_strategies
 
-    strategies = _strategies(args)
-    source = resolve(args.model, args.trust_remote_code)
-    plan = plan_model(source, strategies, args.rank, args.bias, args.equal_budget)
+    flags = {"model": args.model, "strategies": args.strategy, "layer_study": args.layer_study,
+             "equal_budget": args.equal_budget, "rank": args.rank, "alpha": args.alpha,
+             "dropout": args.dropout, "bias": args.bias,
+             "trust_remote_code": args.trust_remote_code or None}  # fmt: skip
+    cfg = load_config(args.config, flags, args.set or [])
+    source = resolve(cfg.model, cfg.trust_remote_code)
+    plan = plan_model(source, resolve_strategies(cfg), cfg.rank, cfg.bias, cfg.equal_budget)
     if args.json:
         print(json.dumps(to_json(plan), indent=2))
     else:
-        print(render(plan, args.rank, args.alpha, args.dropout, args.bias))
+        print(render(plan, cfg.rank, cfg.alpha, cfg.dropout, cfg.bias))
     return 0
 
 
@@ -187,6 +185,7 @@ def cmd_bench(args) -> int:
 
 def cmd_advise(args) -> int:
     from loraplace.advise.recommend import render, run_advise
+    from loraplace.config import StudyConfig
 
     if args.validate:
         from loraplace.advise.validate import render_validation, run_validation
@@ -200,10 +199,11 @@ def cmd_advise(args) -> int:
         )  # fmt: skip
         print(render_validation(report))
         return 0
+    seed = StudyConfig()  # the seed document's setup: the defaults of every command
     report = run_advise(
-        args.model or "embedded", args.data or "embedded", args.train_split or "train[:100]",
-        args.budget, args.rank or 16, args.alpha or 32.0, args.bias, args.examples,
-        args.max_length or 256, args.loss_on, args.score,
+        args.model or "embedded", args.data or "embedded", args.train_split or seed.train_split,
+        args.budget, args.rank or seed.rank, args.alpha or seed.alpha, args.bias or seed.bias,
+        args.examples, args.max_length or seed.max_length, args.loss_on, args.score,
         trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     print(json.dumps(report, indent=1) if args.json else render(report))
@@ -211,12 +211,11 @@ def cmd_advise(args) -> int:
 
 
 def _add_lora_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rank", "-r", type=int, default=LORA_DEFAULTS["rank"], help="LoRA rank (16)")
-    p.add_argument("--alpha", type=float, default=LORA_DEFAULTS["alpha"], help="LoRA alpha (32)")
-    p.add_argument(
-        "--dropout", type=float, default=LORA_DEFAULTS["dropout"], help="LoRA dropout (0.1)"
-    )
-    p.add_argument("--bias", choices=["none", "lora_only"], default="none", help="LoRA bias (none)")
+    """LoRA flags over the config; unset, the config's values (the seed's: 16, 32, 0.1, none)."""
+    p.add_argument("--rank", "-r", type=int, help="LoRA rank (16)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (32)")
+    p.add_argument("--dropout", type=float, help="LoRA dropout (0.1)")
+    p.add_argument("--bias", choices=["none", "lora_only"], help="LoRA bias (none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="show what each strategy adapts and what it costs (no weights)")
+    p.add_argument("--config", help="YAML study config: plan what `study` would run")
     p.add_argument(
-        "--model", default="embedded", help="hub id, local dir, .gguf file, or 'embedded'"
+        "--model",
+        help="hub id, local dir, .gguf file, or 'embedded' (the config's: DialoGPT-medium)",
     )
     p.add_argument(
         "--strategy",
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", help="allow a hub model's own code (off)"
     )
     _add_lora_args(p)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("study", help="train every strategy x seed and compare them")
