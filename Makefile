@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: install demo test test-fast test-faults bench lint clean browser
+.PHONY: install demo test test-fast test-faults bench bench-gpu lint clean browser
 
 install: $(STAMP)
 
@@ -52,6 +52,18 @@ bench: install
 	$(BIN)/loraplace bench --data ../shared/data/alpaca_head200.json --train-split 'train[:100]' \
 	  --eval-split 'train[100:120]' --epochs 3 --strategy full --strategy attention --strategy ffn \
 	  --out runs/bench
+
+# The GPU benchmark (python -m loraplace.gpubench; planned for under 6 min on one H200):
+# throughput, MFU and peak memory of LoRA training on three models, then the seed-size study
+# plain vs loraplace.
+# Results go to $OUT (default runs/bench-gpu) as they come. Its CPU dry run is a test
+# (tests/test_gpubench.py). On a machine without network whose own python has torch with CUDA:
+# `make bench-gpu GPU_PYTHON=python3` (no install; loraplace is imported from src/).
+BENCH_GPU_OUT ?= runs/bench-gpu
+GPU_PYTHON ?=
+bench-gpu: $(if $(GPU_PYTHON),,install)
+	$(if $(GPU_PYTHON),PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON),$(BIN)/python) \
+	  -m loraplace.gpubench --out "$${OUT:-$(BENCH_GPU_OUT)}"
 
 lint: install
 	$(BIN)/ruff check src tests
