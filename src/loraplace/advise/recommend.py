@@ -151,19 +151,51 @@ def run_advise(
     Returns the report as plain data (what `--json` prints); `budget` None means the size of
     `attention` at `rank`.
     """
-    import resource
     import time
 
     import torch
 
     from loraplace.advise.scores import score_modules
-    from loraplace.core.errors import UserError
     from loraplace.data.rows import load_rows, tokenize
-    from loraplace.plan.models import resolve
     from loraplace.plan.roles import classify
     from loraplace.train.load import load_model
 
     start = time.perf_counter()
+    source = _checked_source(model_spec, score, trust_remote_code)
+    rows = load_rows(data, train_split)[:examples]
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(source)
+    loaded = time.perf_counter()
+    modules = classify(model)
+    budget = _checked_budget(modules, budget, rank, bias)
+    batch = tokenize(rows, tokenizer, max_length, loss_on)
+    max_rank = _max_rank(modules, budget, rank)
+    scores = score_modules(
+        model, batch, modules, tokenizer.pad_token_id, seed=seed, max_rank=max_rank
+    )
+    scored = time.perf_counter()
+    cands, too_big = _fitting_candidates(modules, scores, budget, alpha, bias)
+    return {
+        "model": source.name,
+        "data": data,
+        "train_split": train_split,
+        "examples": len(batch),
+        "tokens": sum(len(e.input_ids) for e in batch),
+        "max_length": max_length,
+        "budget": budget,
+        "rank": rank,
+        "alpha": alpha,
+        "score": score,
+        **_recommendation(cands, too_big, scores, score, rank, alpha),
+        "cost": _cost(start, loaded, scored),
+    }
+
+
+def _checked_source(model_spec: str, score: str, trust_remote_code: bool):
+    """The model to score, refused where `score` is unknown or the model has no weights."""
+    from loraplace.core.errors import UserError
+    from loraplace.plan.models import resolve
+
     if score not in SCORES:
         raise UserError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
     source = resolve(model_spec, trust_remote_code)
@@ -173,23 +205,36 @@ def run_advise(
             "but no weight files (*.safetensors, *.bin), so there is nothing to score; "
             "`loraplace plan` works from the config alone"
         )
-    rows = load_rows(data, train_split)[:examples]
-    torch.manual_seed(seed)
-    model, tokenizer = load_model(source)
-    loaded = time.perf_counter()
-    modules = classify(model)
-    attention = parse_strategy("attention=attn")
+    return source
+
+
+def _checked_budget(modules: list[LinearModule], budget: int | None, rank: int, bias: str) -> int:
+    """The budget asked for, or (None) the size of `attention` at `rank`; at least 1."""
+    from loraplace.core.errors import UserError
+
     if budget is None:
-        budget = place(modules, attention, rank, bias).trainable_params
+        budget = place(modules, parse_strategy("attention=attn"), rank, bias).trainable_params
     if budget < 1:
         raise UserError(f"the budget must be a positive number of parameters, got {budget}")
-    batch = tokenize(rows, tokenizer, max_length, loss_on)
+    return budget
+
+
+def _max_rank(modules: list[LinearModule], budget: int, rank: int) -> int:
+    """The highest rank any candidate reaches at the budget (or `rank`): what to score up to."""
     solved = [at_budget(modules, s, budget) for s in candidate_strategies(modules)]
-    max_rank = max([rank] + [r for s in solved for r in s.rank_by_role.values()])
-    scores = score_modules(
-        model, batch, modules, tokenizer.pad_token_id, seed=seed, max_rank=max_rank
-    )
-    scored = time.perf_counter()
+    return max([rank] + [r for s in solved for r in s.rank_by_role.values()])
+
+
+def _fitting_candidates(
+    modules: list[LinearModule],
+    scores: dict[str, ModuleScore],
+    budget: int,
+    alpha: float,
+    bias: str,
+) -> tuple[list[Candidate], list[str]]:
+    """(candidates whose rank 1 fits the budget, names of those left out); refused if none fits."""
+    from loraplace.core.errors import UserError
+
     minimal = {
         s.name: place(modules, s, 1, bias).trainable_params for s in candidate_strategies(modules)
     }
@@ -204,24 +249,25 @@ def run_advise(
             f"a budget of {budget:,} parameters is below rank 1 of every candidate placement "
             f"(the smallest needs {min(minimal.values()):,})"
         )
+    return cands, too_big
+
+
+def _recommendation(
+    cands: list[Candidate],
+    too_big: list[str],
+    scores: dict[str, ModuleScore],
+    score: str,
+    rank: int,
+    alpha: float,
+) -> dict:
+    """The report's scores, candidates (with each score's order) and recommended placement."""
     best = {s: recommend(cands, s).strategy.name for s in SCORES}
     order = {
         s: [c.strategy.name for c in sorted(cands, key=lambda c: -c.predicted[s])] for s in SCORES
     }
     chosen = recommend(cands, score)
     table = summary(scores, rank, alpha)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
-        "model": source.name,
-        "data": data,
-        "train_split": train_split,
-        "examples": len(batch),
-        "tokens": sum(len(e.input_ids) for e in batch),
-        "max_length": max_length,
-        "budget": budget,
-        "rank": rank,
-        "alpha": alpha,
-        "score": score,
         "scores": {s: SCORE_TEXT[s] for s in SCORES},
         "by_role": table["role"],
         "by_band": table["band"],
@@ -240,13 +286,21 @@ def run_advise(
         "best_by_score": best,
         "recommended": chosen.text,
         "recommended_params": chosen.placement.trainable_params,
-        "cost": {
-            "wall_s": time.perf_counter() - start,
-            "load_s": loaded - start,
-            "score_s": scored - loaded,
-            "cpu_s": usage.ru_utime + usage.ru_stime,  # the machine may be shared
-            "peak_memory_mb": usage.ru_maxrss / 2**10,
-        },
+    }
+
+
+def _cost(start: float, loaded: float, scored: float) -> dict:
+    """Seconds taken (all, loading, scoring), CPU seconds and peak memory of this process."""
+    import resource
+    import time
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "wall_s": time.perf_counter() - start,
+        "load_s": loaded - start,
+        "score_s": scored - loaded,
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # the machine may be shared
+        "peak_memory_mb": usage.ru_maxrss / 2**10,
     }
 
 

@@ -113,6 +113,33 @@ def analyze(advice: dict, results: list[dict], names: list[str]) -> dict:
     matrix = np.stack([gain[n] for n in names])  # (candidates, seeds)
     mean_gain = dict(zip(names, matrix.mean(axis=1).tolist(), strict=True))
     best = max(names, key=mean_gain.get)
+    rows, boots = _score_rules(cands, names, matrix, examples, best)
+    rows += _baseline_rules(examples, best, names)
+    return {
+        "seeds": seeds,
+        "budget": advice["budget"],
+        "candidates": [
+            {
+                "name": n,
+                "strategy": cands[n]["strategy"],
+                "trainable_params": cands[n]["trainable_params"],
+                "gain_mean": mean_gain[n],
+                "gain_by_seed": gain[n].tolist(),
+                "predicted": cands[n]["predicted"],
+            }
+            for n in names
+        ],
+        "best": best,
+        "rules": rows,
+        "verdicts": _verdicts(boots),
+    }
+
+
+def _score_rules(
+    cands: dict, names: list[str], matrix: np.ndarray, examples: dict, best: str
+) -> tuple[list[dict], dict]:
+    """A rule per score and per inverted score: its correlations with the gains and the regret
+    of what it recommends; and each rule's bootstrap Spearman samples."""
     rows, boots = [], {}
     for score in SCORES:
         for inverted in (False, True):
@@ -135,6 +162,13 @@ def analyze(advice: dict, results: list[dict], names: list[str]) -> dict:
                     "regret_se": in_se,
                 }
             )
+    return rows, boots
+
+
+def _baseline_rules(examples: dict, best: str, names: list[str]) -> list[dict]:
+    """The regret of always choosing full, ffn or attention (those trained), and of a random
+    choice (the mean over candidates)."""
+    rows = []
     for fixed in ("full", "ffn", "attention"):
         if fixed in names:
             loss, in_se = regret(examples, best, fixed)
@@ -150,6 +184,12 @@ def analyze(advice: dict, results: list[dict], names: list[str]) -> dict:
             "regret_se": float(np.mean([e[1] for e in each])),
         }
     )
+    return rows
+
+
+def _verdicts(boots: dict) -> dict[str, str]:
+    """Per score (not the baseline itself): whether the 95 % bootstrap interval of its Spearman
+    minus parameter count's lies above 0, below 0, or across it."""
     verdicts = {}
     for score in SCORES[:-1]:
         diff = boots[score] - boots["params"]
@@ -164,24 +204,7 @@ def analyze(advice: dict, results: list[dict], names: list[str]) -> dict:
             verdicts[score] = (
                 f"not resolved against parameter count (Spearman difference {lo:+.2f} to {hi:+.2f})"
             )
-    return {
-        "seeds": seeds,
-        "budget": advice["budget"],
-        "candidates": [
-            {
-                "name": n,
-                "strategy": cands[n]["strategy"],
-                "trainable_params": cands[n]["trainable_params"],
-                "gain_mean": mean_gain[n],
-                "gain_by_seed": gain[n].tolist(),
-                "predicted": cands[n]["predicted"],
-            }
-            for n in names
-        ],
-        "best": best,
-        "rules": rows,
-        "verdicts": verdicts,
-    }
+    return verdicts
 
 
 def run_validation(
