@@ -151,9 +151,43 @@ def _fast_paths(cfg: dict) -> str:
     return "all on or auto (README, Fast paths)" if not off else "off: " + ", ".join(off)
 
 
+REPORT_FILES = (
+    "summary.csv",
+    "summary.md",
+    "aggregate.csv",
+    "comparisons.csv",
+    "curves.png",
+    "tradeoff.png",
+    "pareto.png",
+    "placement.png",
+    "report.md",
+    "report.html",
+)
+
+
 def build(out: Path, reference: str | None = None, compare: str | None = None) -> dict[str, Path]:
     """Write every table, figure and report under `out`; return their paths."""
     out = Path(out)
+    results, damaged = _results(out)
+    config = _read_config(out)
+    _sort_as_configured(results, config)
+    reference = reference or config.get("reference", "full")
+    compare = compare or config.get("compare", "all")
+    summary, agg, comparisons = tables(results, reference, compare)
+    ok = [r for r in results if r.get("status") == "ok"]
+    paths = {name: out / name for name in REPORT_FILES}
+    _write_tables(paths, summary, agg, comparisons)
+    if ok:
+        _draw_figures(paths, agg, ok)
+    notes = _notes(results, ok, damaged, _missing(config, results), agg)
+    blocks = report_blocks(ok[0] if ok else results[0], summary, agg, comparisons, notes, ok, paths)
+    write_text(paths["report.md"], render_md(blocks))
+    write_text(paths["report.html"], render_html(blocks, out))
+    return paths
+
+
+def _results(out: Path) -> tuple[list[dict], list[str]]:
+    """(the run results under `out`, a line per damaged result file); refused if none loads."""
     if not out.is_dir():
         raise UserError(f"results folder {str(out)!r} does not exist")
     results = load_results(out)
@@ -167,7 +201,11 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
             f"no run results under {str(out / 'runs')!r}{also}; run `loraplace study --out {out}` "
             "first"
         )
-    config = _read_config(out)
+    return results, damaged
+
+
+def _sort_as_configured(results: list[dict], config: dict) -> None:
+    """Sort in place: strategies in the config's order (others after, by name), then by seed."""
     order = [s.split("=")[0].strip() for s in config.get("strategies", [])]
     results.sort(
         key=lambda r: (
@@ -176,44 +214,35 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
             r["seed"],
         )
     )
-    reference = reference or config.get("reference", "full")
-    compare = compare or config.get("compare", "all")
-    summary, agg, comparisons = tables(results, reference, compare)
-    ok = [r for r in results if r.get("status") == "ok"]
-    paths = {
-        name: out / name
-        for name in (
-            "summary.csv",
-            "summary.md",
-            "aggregate.csv",
-            "comparisons.csv",
-            "curves.png",
-            "tradeoff.png",
-            "pareto.png",
-            "placement.png",
-            "report.md",
-            "report.html",
-        )
-    }
+
+
+def _write_tables(paths: dict[str, Path], summary, agg, comparisons) -> None:
     write_text(paths["summary.csv"], summary.to_csv(index=False))
     write_text(paths["summary.md"], md_table(summary) + "\n")
     write_text(paths["aggregate.csv"], agg.to_csv(index=False))
     write_text(paths["comparisons.csv"], comparisons.to_csv(index=False))
-    if ok:
-        plots.curves(ok, paths["curves.png"])
-        plots.tradeoff(agg, paths["tradeoff.png"])
-        plots.tradeoff(
-            agg, paths["pareto.png"], panels=("trainable_params", "train_time_s", "peak_memory_mb")
-        )
-        plots.placement_map(ok, paths["placement.png"])
 
+
+def _draw_figures(paths: dict[str, Path], agg: pd.DataFrame, ok: list[dict]) -> None:
+    plots.curves(ok, paths["curves.png"])
+    plots.tradeoff(agg, paths["tradeoff.png"])
+    plots.tradeoff(
+        agg, paths["pareto.png"], panels=("trainable_params", "train_time_s", "peak_memory_mb")
+    )
+    plots.placement_map(ok, paths["placement.png"])
+
+
+def _notes(
+    results: list[dict], ok: list[dict], damaged: list[str], missing: list[str], agg
+) -> list[str]:
+    """What the report's tables leave out or cannot say, a paragraph each: failed, damaged and
+    missing runs, fast paths that fell back, runs without per-example losses, a single seed."""
     notes = []
     failed = [
         f"{r['strategy']} seed {r['seed']}: {r.get('error', 'unknown error')}"
         for r in results
         if r.get("status") != "ok"
     ]
-    missing = _missing(config, results)
     old = [f"{r['strategy']} seed {r['seed']}" for r in ok if "per_example" not in r]
     if failed:
         notes.append("Failed runs (left out of every table below): " + "; ".join(failed))
@@ -239,14 +268,31 @@ def build(out: Path, reference: str | None = None, compare: str | None = None) -
             "how much another seed would move the result; run several seeds (--seed 42 --seed 43 "
             "--seed 44) for that."
         )
+    return notes
 
-    blocks = report_blocks(ok[0] if ok else results[0], summary, agg, comparisons, notes, ok, paths)
-    write_text(paths["report.md"], render_md(blocks))
-    write_text(paths["report.html"], render_html(blocks, out))
-    return paths
+
+RESULT_COLUMNS = [
+    "strategy",
+    "n_seeds",
+    "trainable_params",
+    "eval_loss_mean",
+    "eval_loss_ci_low",
+    "eval_loss_ci_high",
+    "perplexity_mean",
+    "train_time_s_mean",
+    "peak_memory_mb_mean",
+]
+FIGURES = (
+    ("tradeoff.png", "Trainable parameters against eval loss (dashed: Pareto frontier)"),
+    ("pareto.png", "Parameters, training time and peak memory against eval loss"),
+    ("curves.png", "Loss curves"),
+    ("placement.png", "Where the adapters sit (LoRA rank by layer and role)"),
+)
 
 
 def report_blocks(first, summary, agg, comparisons, notes, ok, paths) -> list[tuple[str, object]]:
+    """The report as (kind, content) blocks, in order: answer, setup, what is missing, results,
+    every run, paired comparisons, the figures drawn, generations."""
     blocks: list[tuple[str, object]] = [
         ("h1", "loraplace report: where should the LoRA adapters go?"),
         ("h2", "Answer"),
@@ -255,61 +301,57 @@ def report_blocks(first, summary, agg, comparisons, notes, ok, paths) -> list[tu
     blocks += [("h2", "Setup"), ("table", pd.DataFrame(_setup(first, ok), columns=["", "value"]))]
     if notes:
         blocks += [("h2", "What is missing")] + [("p", n) for n in notes]
-    cols = [
-        "strategy",
-        "n_seeds",
-        "trainable_params",
-        "eval_loss_mean",
-        "eval_loss_ci_low",
-        "eval_loss_ci_high",
-        "perplexity_mean",
-        "train_time_s_mean",
-        "peak_memory_mb_mean",
-    ]
     blocks += [
         ("h2", "Results (mean over seeds, 95% Student-t interval)"),
-        ("table", agg[[c for c in cols if c in agg]]),
+        ("table", agg[[c for c in RESULT_COLUMNS if c in agg]]),
     ]
     blocks += [("h2", "Every run"), ("table", summary)]
-    blocks += [("h2", "Paired comparisons on the same evaluation examples")]
-    if len(comparisons):
-        blocks.append(
-            (
-                "p",
-                "mean_diff is the mean per-example loss of strategy_a minus strategy_b (seeds averaged per example first); ci is a 95% percentile bootstrap over examples; p_value is a two-sided Wilcoxon signed-rank test; p_adjusted is Holm-corrected over all comparisons in the table.",
-            )
-        )
-        blocks.append(("table", comparisons.drop(columns=["verdict"])))
-        blocks += [
-            ("p", f"{row.strategy_a} vs {row.strategy_b}: {row.verdict}.")
-            for row in comparisons.itertuples()
-        ]
-    else:
-        blocks.append(("p", "No pair of strategies with per-example losses on common seeds."))
-    for name, title in (
-        ("tradeoff.png", "Trainable parameters against eval loss (dashed: Pareto frontier)"),
-        ("pareto.png", "Parameters, training time and peak memory against eval loss"),
-        ("curves.png", "Loss curves"),
-        ("placement.png", "Where the adapters sit (LoRA rank by layer and role)"),
-    ):
+    blocks += _comparison_blocks(comparisons)
+    for name, title in FIGURES:
         if paths[name].is_file():
             blocks += [("h2", title), ("img", name)]
+    return blocks + _generation_blocks(ok)
+
+
+def _comparison_blocks(comparisons: pd.DataFrame) -> list[tuple[str, object]]:
+    blocks: list[tuple[str, object]] = [
+        ("h2", "Paired comparisons on the same evaluation examples")
+    ]
+    if not len(comparisons):
+        return blocks + [("p", "No pair of strategies with per-example losses on common seeds.")]
+    blocks.append(
+        (
+            "p",
+            "mean_diff is the mean per-example loss of strategy_a minus strategy_b (seeds averaged per example first); ci is a 95% percentile bootstrap over examples; p_value is a two-sided Wilcoxon signed-rank test; p_adjusted is Holm-corrected over all comparisons in the table.",
+        )
+    )
+    blocks.append(("table", comparisons.drop(columns=["verdict"])))
+    return blocks + [
+        ("p", f"{row.strategy_a} vs {row.strategy_b}: {row.verdict}.")
+        for row in comparisons.itertuples()
+    ]
+
+
+def _generation_blocks(ok: list[dict]) -> list[tuple[str, object]]:
+    """Each evaluation prompt with the untrained model's generation and every strategy's (from
+    its lowest seed); nothing where no run generated."""
     gens = [
         (r["strategy"], r["generations"])
         for r in ok
         if r.get("generations")
         and r["seed"] == min(x["seed"] for x in ok if x["strategy"] == r["strategy"])
     ]
-    if gens:
-        blocks.append(("h2", "Greedy generations for evaluation prompts"))
-        for i, g in enumerate(gens[0][1]):
-            rows = [("untrained model", g["base"])] + [
-                (name, gs[i]["adapted"]) for name, gs in gens if i < len(gs)
-            ]
-            blocks += [
-                ("pre", g["prompt"].strip()),
-                ("table", pd.DataFrame(rows, columns=["model", "generation"])),
-            ]
+    if not gens:
+        return []
+    blocks: list[tuple[str, object]] = [("h2", "Greedy generations for evaluation prompts")]
+    for i, g in enumerate(gens[0][1]):
+        rows = [("untrained model", g["base"])] + [
+            (name, gs[i]["adapted"]) for name, gs in gens if i < len(gs)
+        ]
+        blocks += [
+            ("pre", g["prompt"].strip()),
+            ("table", pd.DataFrame(rows, columns=["model", "generation"])),
+        ]
     return blocks
 
 
