@@ -28,7 +28,8 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from loraplace.core.results import umask
@@ -159,58 +160,79 @@ def checkpointer(
     spent writing checkpoints) and `checkpoints` (how many)."""
     from transformers import TrainerCallback
 
-    run_dir = Path(run_dir)
     timing.setdefault("checkpoint_s", 0.0)
     timing.setdefault("checkpoints", 0)
-
-    def save(state) -> None:
-        start = time.perf_counter()
-        step = state.global_step
-        manifest = {
-            "key": key,
-            "step": step,
-            "epoch": state.epoch,
-            "curves": {k: v for k, v in curves.items() if k != "last_eval"},
-            "train_s": train_s(),
-            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-
-        def fill(folder: Path) -> None:
-            trainer.model.save_pretrained(str(folder), safe_serialization=True)
-            trainer._save_optimizer_and_scheduler(str(folder))
-            trainer._save_rng_state(str(folder))
-            state.save_to_json(str(folder / "trainer_state.json"))
-            (folder / MANIFEST).write_text(json.dumps(manifest, default=str, allow_nan=True))
-
-        write_dir_atomically(run_dir / f"{PREFIX}{step}", fill)
-        for older in run_dir.glob(f"{PREFIX}*"):
-            if _step(older) != step:
-                shutil.rmtree(older, ignore_errors=True)
-        timing["checkpoint_s"] += time.perf_counter() - start
-        timing["checkpoints"] += 1
-        mark["step"], mark["time"] = step, time.monotonic()
-
-    mark = {"step": None, "time": time.monotonic()}
-
-    def due(state) -> bool:
-        if state.global_step >= state.max_steps:  # the run is about to finish anyway
-            return False
-        last = mark["step"] if mark["step"] is not None else mark.get("start", 0)
-        by_steps = every_steps is not None and state.global_step - last >= every_steps
-        by_time = every_s is not None and time.monotonic() - mark["time"] >= every_s
-        return by_steps or by_time
+    schedule = _Schedule(every_steps, every_s)
+    save = partial(_save, trainer, Path(run_dir), key, curves, timing, train_s, schedule)
 
     class Checkpointer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            mark["start"], mark["time"] = state.global_step, time.monotonic()
+            schedule.begin(state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             # an epoch's last step (epoch a whole number) waits for its evaluation
-            if logs and "loss" in logs and state.epoch % 1 != 0 and due(state):
+            if logs and "loss" in logs and state.epoch % 1 != 0 and schedule.due(state):
                 save(state)
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            if due(state):
+            if schedule.due(state):
                 save(state)
 
     return Checkpointer()
+
+
+@dataclass
+class _Schedule:
+    """When a checkpoint is due: `every_steps` optimizer steps after the last one (or after the
+    step training began at) or `every_s` seconds after it (or after training began)."""
+
+    every_steps: int | None
+    every_s: float | None
+    last_step: int | None = None  # of the last checkpoint written
+    start_step: int = 0  # the step training began at (a resumed run's checkpoint step)
+    since: float = field(default_factory=time.monotonic)  # the last checkpoint or the start
+
+    def begin(self, step: int) -> None:
+        self.start_step, self.since = step, time.monotonic()
+
+    def written(self, step: int) -> None:
+        self.last_step, self.since = step, time.monotonic()
+
+    def due(self, state) -> bool:
+        if state.global_step >= state.max_steps:  # the run is about to finish anyway
+            return False
+        last = self.last_step if self.last_step is not None else self.start_step
+        by_steps = self.every_steps is not None and state.global_step - last >= self.every_steps
+        by_time = self.every_s is not None and time.monotonic() - self.since >= self.every_s
+        return by_steps or by_time
+
+
+def _save(trainer, run_dir: Path, key: str, curves, timing, train_s, schedule, state) -> None:
+    """Write the checkpoint of `state`'s step atomically, delete every other, and count it."""
+    start = time.perf_counter()
+    step = state.global_step
+    manifest = {
+        "key": key,
+        "step": step,
+        "epoch": state.epoch,
+        "curves": {k: v for k, v in curves.items() if k != "last_eval"},
+        "train_s": train_s(),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_dir_atomically(run_dir / f"{PREFIX}{step}", partial(_fill, trainer, state, manifest))
+    for older in run_dir.glob(f"{PREFIX}*"):
+        if _step(older) != step:
+            shutil.rmtree(older, ignore_errors=True)
+    timing["checkpoint_s"] += time.perf_counter() - start
+    timing["checkpoints"] += 1
+    schedule.written(step)
+
+
+def _fill(trainer, state, manifest: dict, folder: Path) -> None:
+    """A checkpoint's files: the adapter, the Trainer's optimizer, scheduler, RNG and trainer
+    states (what `resume_from_checkpoint` reads), and loraplace's manifest."""
+    trainer.model.save_pretrained(str(folder), safe_serialization=True)
+    trainer._save_optimizer_and_scheduler(str(folder))
+    trainer._save_rng_state(str(folder))
+    state.save_to_json(str(folder / "trainer_state.json"))
+    (folder / MANIFEST).write_text(json.dumps(manifest, default=str, allow_nan=True))
