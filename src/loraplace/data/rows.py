@@ -11,6 +11,7 @@ so padding is never trained on while a real EOS always is, even when pad == eos 
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from dataclasses import dataclass
@@ -90,11 +91,16 @@ def _check_rows(rows: list, source: str) -> list[dict]:
 
 def _hub_rows(data: str, split: str) -> list[dict]:
     import datasets
+    from datasets.exceptions import DatasetsError
 
     name = split.split("[")[0]
     try:
         ds = datasets.load_dataset(data, split=name)
-    except Exception as err:  # datasets raises many types for a missing or unreachable dataset
+    except (OSError, ValueError, RuntimeError, DatasetsError) as err:
+        # OSError: not on the hub, the hub unreachable or offline (DatasetNotFoundError,
+        # ConnectionError, HTTP errors); ValueError: no such split or config; RuntimeError: a
+        # script dataset, which `datasets` no longer runs; DatasetsError: a download or build
+        # that failed (checksums, generation)
         raise UserError(
             f"cannot load dataset {data!r} ({type(err).__name__}); without the Hugging Face hub use "
             "--data embedded or a local JSON file of instruction/input/output records"
@@ -248,24 +254,42 @@ def balanced_groups(lengths: list[int], capacity: int) -> list[list[int]]:
 def packing_is_exact(
     model, device: str = "cpu", tolerance: float = 1e-4, segments: bool = False
 ) -> bool:
-    """Check on this model that a packed row gives each example the loss it has alone."""
+    """Check on this model that a packed row gives each example the loss it has alone.
+
+    False, too, where the model cannot run the packed row: its forward takes no position_ids
+    (or, with `segments`, no example boundaries), or refuses the row's block-diagonal mask."""
     generator = torch.Generator().manual_seed(0)
     vocab = min(model.config.vocab_size, 1000)
     examples = [
         Example(ids, ids)
         for ids in (torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (9, 14, 6))
     ]
+    packed = PackedCollator(segments=segments).pack(examples)
+    if not _forward_takes(model, packed):
+        return False
     try:
         with evaluating(model):
             alone = sum(
-                float(model(**{k: v.to(device) for k, v in Collator(0)([e]).items()}).loss)
-                * (len(e.input_ids) - 1)
+                _summed_loss(model, Collator(0)([e]), device, len(e.input_ids) - 1)
                 for e in examples
             )
-            packed = PackedCollator(segments=segments).pack(examples)
-            together = float(model(**{k: v.to(device) for k, v in packed.items()}).loss) * sum(
-                len(e.input_ids) - 1 for e in examples
+            together = _summed_loss(
+                model, packed, device, sum(len(e.input_ids) - 1 for e in examples)
             )
-    except (RuntimeError, ValueError, TypeError):
+    except (RuntimeError, ValueError):  # the forward refused the row (NotImplementedError too)
         return False
     return abs(alone - together) <= tolerance * max(1.0, abs(alone))
+
+
+def _forward_takes(model, inputs: dict) -> bool:
+    """Whether model(**inputs) passes only keywords its forward takes (by name or **kwargs)."""
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.kind is p.VAR_KEYWORD for p in params) or set(inputs) <= {p.name for p in params}
+
+
+def _summed_loss(model, batch: dict, device: str, targets: int) -> float:
+    """The model's mean loss on `batch` times its number of target tokens."""
+    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+    if loss is None:
+        raise ValueError(f"{type(model).__name__} computes no loss from labels")
+    return float(loss) * targets

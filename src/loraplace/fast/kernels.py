@@ -38,6 +38,7 @@ LoRA bias, dtype casts) keep PEFT's forward.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from functools import partial
@@ -277,7 +278,7 @@ def _is_swiglu(mlp: nn.Module) -> bool:
     """Whether this block computes down(silu(gate(x)) * up(x)): its own forward, on a probe."""
     parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
     width = getattr(parts[0], "in_features", None)
-    if any(part is None for part in parts) or not width:
+    if any(part is None for part in parts) or not width or not _takes_one_input(mlp):
         return False
     weight = next(parts[0].parameters())
     probe = torch.randn(
@@ -286,8 +287,20 @@ def _is_swiglu(mlp: nn.Module) -> bool:
     try:
         with evaluating(mlp):  # no dropout draws
             return torch.equal(mlp(probe), _swiglu_forward(mlp, probe))
-    except (RuntimeError, TypeError, AttributeError):
+    except (RuntimeError, ValueError):  # the block's forward or the fused one refused the probe
         return False
+
+
+def _takes_one_input(module: nn.Module) -> bool:
+    """Whether module(x) is a complete call: its forward takes a positional input and requires
+    nothing else (a shared-experts block that also wants routing weights does not)."""
+    params = inspect.signature(module.forward).parameters.values()
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    takes_x = any(p.kind in (*positional, inspect.Parameter.VAR_POSITIONAL) for p in params)
+    required = [
+        p for p in params if p.default is p.empty and p.kind in (*positional, p.KEYWORD_ONLY)
+    ]
+    return takes_x and len(required) <= 1
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
