@@ -58,8 +58,8 @@ def grad_spectrum(grad: torch.Tensor) -> tuple[float, ...]:
     """Cumulative squared singular values of a gradient, largest first (via the smaller Gram)."""
     g = grad.float()
     gram = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
-    # float32 eigenvalues of the Gram: 3x faster than float64 here, and the top ones, which
-    # the scores sum, are exact to ~1e-6 of the largest
+    # float32 eigenvalues of the Gram: faster than float64, and the top ones, which the scores
+    # sum, agree to ~1e-6 of the largest (docs/performance.md, "Measurements cited from code")
     eig = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)  # squared singular values
     return _cumulative(eig)
 
@@ -116,34 +116,62 @@ def score_modules(
         module path -> ModuleScore.
     """
     scored = [m for m in modules if m.role != "other" and m.layer is not None]
-    device = next(model.parameters()).device
     layers = {m.path: model.get_submodule(m.path) for m in scored}
     was_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    _train_only(model, layers.values())
+    nfn_sum, n_tokens = _one_pass(model, examples, scored, layers, pad_token_id, max_tokens)
+    result = _module_scores(scored, layers, nfn_sum, n_tokens, seed, max_rank)
+    for name, p in model.named_parameters():
+        p.requires_grad_(was_grad[name])
+    return result
+
+
+def _train_only(model: torch.nn.Module, layers) -> None:
+    """Gradients for the weights of `layers` only, none accumulated yet."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in layers.values():
+    for layer in layers:
         layer.weight.requires_grad_(True)
         layer.weight.grad = None
+
+
+def _nfn_hook(layer: torch.nn.Module, in_features: int, path: str, nfn_sum: dict, mask: dict):
+    """A forward hook adding, over the batch's real tokens (`mask["real"]`), each token's
+    ||W z|| / (||z|| ||W||_F / sqrt(in)) to nfn_sum[path]."""
+    w_norm = layer.weight.detach().norm().item()
+
+    def fn(_mod, inputs, output):
+        with torch.no_grad():
+            z = inputs[0][mask["real"]]  # (real tokens, in)
+            y = output[mask["real"]]
+            if getattr(layer, "bias", None) is not None:
+                y = y - layer.bias  # W z, without the bias
+            random_norm = z.norm(dim=-1) * w_norm / in_features**0.5
+            nfn_sum[path] += (y.norm(dim=-1) / random_norm.clamp_min(1e-12)).sum().item()
+
+    return fn
+
+
+def _one_pass(
+    model: torch.nn.Module,
+    examples: list[Example],
+    scored: list[LinearModule],
+    layers: dict[str, torch.nn.Module],
+    pad_token_id: int,
+    max_tokens: int,
+) -> tuple[dict[str, float], int]:
+    """Forward and backward over every example (the loss their token-weighted mean): leaves the
+    loss gradient in each scored weight's .grad; returns (sum of PLoP ratios per module, real
+    tokens seen)."""
+    device = next(model.parameters()).device
     nfn_sum = {path: 0.0 for path in layers}
     mask: dict[str, torch.Tensor] = {}
-
-    def hook(module: LinearModule):
-        path, in_f = module.path, module.in_features
-        layer = layers[path]
-        w_norm = layer.weight.detach().norm().item()
-
-        def fn(_mod, inputs, output):
-            with torch.no_grad():
-                z = inputs[0][mask["real"]]  # (real tokens, in)
-                y = output[mask["real"]]
-                if getattr(layer, "bias", None) is not None:
-                    y = y - layer.bias  # W z, without the bias
-                random_norm = z.norm(dim=-1) * w_norm / in_f**0.5
-                nfn_sum[path] += (y.norm(dim=-1) / random_norm.clamp_min(1e-12)).sum().item()
-
-        return fn
-
-    handles = [layers[m.path].register_forward_hook(hook(m)) for m in scored]
+    handles = [
+        layers[m.path].register_forward_hook(
+            _nfn_hook(layers[m.path], m.in_features, m.path, nfn_sum, mask)
+        )
+        for m in scored
+    ]
     collate = Collator(pad_token_id)
     n_targets = sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in examples)
     n_tokens = 0
@@ -167,9 +195,24 @@ def score_modules(
     finally:
         for h in handles:
             h.remove()
+    return nfn_sum, n_tokens
+
+
+def _module_scores(
+    scored: list[LinearModule],
+    layers: dict[str, torch.nn.Module],
+    nfn_sum: dict[str, float],
+    n_tokens: int,
+    seed: int,
+    max_rank: int | None,
+) -> dict[str, ModuleScore]:
+    """Each scored module's ModuleScore from its accumulated gradient (cleared here)."""
     result = {}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small eigenproblems: on a busy CPU, 2 threads ran 10x slower
+    # The spectra are many small eigenproblems: one thread runs them; on the busy 2-core
+    # development machine two ran them about 10x slower (docs/performance.md, "Measurements
+    # cited from code").
+    torch.set_num_threads(1)
     for i, m in enumerate(scored):
         layer = layers[m.path]
         grad = _weight_out_in(layer, layer.weight.grad.detach()).float().cpu()
@@ -181,6 +224,4 @@ def score_modules(
             lora_b_spectrum(grad, seed + i, max_rank),
         )
     torch.set_num_threads(threads)
-    for name, p in model.named_parameters():
-        p.requires_grad_(was_grad[name])
     return result
