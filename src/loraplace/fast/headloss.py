@@ -11,9 +11,9 @@ times the head's weight. What stays until the backward pass is a tokens x hidden
 Same arithmetic as the model's loss; `head_loss_matches` checks it on the model at run start
 (a model that scales or caps its logits fails the check and keeps its own loss).
 
-With `onednn` (CPU, float32) both head products run through oneDNN: for 128 tokens against
-SmolLM2's 49,152 x 576 head, the logits took 175-194 GFLOP/s there against 87-98 with the
-default BLAS, and the hidden-state gradient 160 against 143, with no extra memory.
+With `onednn` (CPU, float32) both head products, the logits and the hidden-state gradient,
+run through oneDNN, faster there than with the default BLAS and with no extra memory
+(docs/performance.md: `onednn_head`, and "Measurements cited from code" for the gradient).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = linear(hidden[start : start + ROWS][rows], weight, bias, forward_onednn, low)
             logits = logits.float()
             picked = target[rows]
-            logp = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one fused pass
+            # in place: one fused pass, faster than logsumexp, subtract and exp (docs/performance.md)
+            logp = torch.log_softmax(logits, dim=-1, out=logits)
             total -= logp.gather(1, picked[:, None]).sum()
             if grad is not None:
                 probs = logp.exp_()  # softmax, in place of the logits

@@ -6,30 +6,31 @@ Four independent switches:
 
 - `fused_lora`: PEFT computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as separate
   operations: a Bernoulli draw for the dropout mask, a multiply, two small matrix products, a
-  scale, an add, and the same again backwards (on CPU the mask draw alone was 13 % of a step).
-  Here one autograd function does it: the mask is drawn 4 lanes per 64-bit random word (16-bit
-  resolution: the drop probability is round(p * 65536) / 65536, 0.100006 for p = 0.1), on CPU
-  by numpy's SFC64 generator seeded from torch's (97 us for a 384 x 576 input where torch's
-  own generator took 213 us), applied with float passes only, kept as its int16 lanes with
-  the layer's input (not the masked copy), and the adapter product is added into the frozen
-  output in place.
+  scale, an add, and the same again backwards; on CPU the mask draw alone is a noticeable
+  share of a step. Here one autograd function does it: the mask is drawn 4 lanes per 64-bit
+  random word (16-bit resolution: the drop probability is round(p * 65536) / 65536, 0.100006
+  for p = 0.1), on CPU by numpy's SFC64 generator seeded from torch's (faster than torch's own
+  generator), applied with float passes only, kept as its int16 lanes with the layer's input
+  (not the masked copy), and the adapter product is added into the frozen output in place.
+  Measurements: docs/performance.md (`fused_lora`, and "Measurements cited from code").
 - `onednn`: every frozen linear product, forwards and backwards (input gradient only), runs
-  through oneDNN instead of the default BLAS. On the 2-core AMD EPYC development machine MKL
-  runs its AVX2 code and oneDNN its AVX-512 code: for SmolLM2's products at 352 tokens oneDNN
-  reached 162-197 GFLOP/s where MKL reached 146-172. CPU and float32 only; elsewhere the
-  layers are left as they are.
+  through oneDNN instead of the default BLAS: on AMD CPUs MKL runs its AVX2 code where
+  oneDNN runs AVX-512, and the products are faster (docs/performance.md, `onednn`; per
+  weight shape and direction, `table` says which library measured faster on this machine).
+  CPU and float32 only; elsewhere the layers are left as they are.
 - `fused_mlp`: a SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`, Llama, Mistral,
   Qwen2, SmolLM2) computes silu(gate) * up as one function that keeps gate and up for the
   backward pass and remakes silu(gate) there: autograd's own keeps silu(gate) as well, one
-  more tokens x intermediate tensor a layer (71 MB for a 384-token chunk of SmolLM2). Same
+  more tokens x intermediate tensor a layer (docs/performance.md, `fused_mlp`). Same
   floating-point operations, so the same results; checked on each block before use. With
   down_proj a fused LoRA layer, the same function runs it too and remakes its input,
   silu(gate) * up, backwards instead of keeping it.
 - `bf16_products`: each frozen weight those layers and the output head multiply by gets a
   bfloat16 copy, and while gradients are taken (training) their products take bfloat16
-  inputs, accumulate and return float32, through oneDNN. On the development machine's EPYC
-  (AVX-512 BF16) SmolLM2's products ran at 270-344 GFLOP/s that way against 156-186 in float32.
-  The one switch that changes rounding; evaluation (no gradients) stays float32.
+  inputs, accumulate and return float32, through oneDNN: on CPUs that multiply bfloat16
+  natively (AVX-512 BF16, AMX) that is faster than float32 (docs/performance.md,
+  `product_dtype`). The one switch that changes rounding; evaluation (no gradients) stays
+  float32.
 
 Parameters stay PEFT's own, so saving, `disable_adapter` and merging work unchanged. Layers the
 fused function cannot reproduce exactly (DoRA, several active adapters, trainable base bias,
@@ -51,11 +52,10 @@ from torch import nn
 from loraplace.core.modes import evaluating
 
 # oneDNN, and ideep (torch's layer over it), each cache a primitive per (tokens, shape), and
-# chunks vary in length. With their default capacities (1024) oneDNN's cache grew a 3-epoch
-# run's peak memory by 700 MB, and ideep's kept growing it when that one was capped: 8
-# products at 100 lengths grew a process by 373 MB, 37 MB with both capped at 16. Re-creating
-# primitives cost nothing measurable (12 chunks of `attention`, 3 rounds: 13.0 / 14.5 / 14.3 s
-# capped, 13.4 / 14.2 / 15.9 s not). Both read these once, at their first use.
+# packed chunks vary in length, so at their default capacity (1024) both caches keep growing a
+# run's memory. Capped at 16, a primitive is now and then made again, at no measurable cost in
+# time (docs/performance.md, "Measurements cited from code"). Both read these once, at their
+# first use, so they are set on import.
 ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "LRU_CACHE_CAPACITY": "16"}
 
 
@@ -95,9 +95,10 @@ def random_lanes(shape: torch.Size, device: torch.device) -> torch.Tensor:
 def keep_mask(lanes: torch.Tensor, p: float) -> torch.Tensor:
     """1.0 where a lane is kept (probability 1 - round(p * 65536) / 65536), else 0.0.
 
-    Made with float passes only (on CPU a bool comparison and a bool-float multiply were each
-    3-5x slower than a float pass): lanes are integers, so lane - (cut - 1) clamped to [0, 1]
-    is exactly 1 for lanes >= cut and exactly 0 below.
+    Made with float passes only, which on CPU are several times faster than a bool comparison
+    or a bool-float multiply (docs/performance.md, "Measurements cited from code"): lanes are
+    integers, so lane - (cut - 1) clamped to [0, 1] is exactly 1 for lanes >= cut and exactly
+    0 below.
     """
     cut = drop_threshold(p) - LANES // 2
     return lanes.to(torch.float32).sub_(cut - 1).clamp_(0.0, 1.0)
@@ -186,8 +187,8 @@ class LoraLinear(torch.autograd.Function):
     The mask comes from `lanes` (None: no dropout) and the 1 / (1 - p) is applied to the rank-r
     product. The backward pass keeps x itself and the int16 lanes, not the masked float copy,
     and remakes the mask: layers that read the same input (q, k, v; gate, up) then keep one
-    tensor between them. (Keeping only a seed and drawing the lanes again kept 105 MB less for
-    a 352-token chunk of `full` on the embedded model, but made training 6 % slower.)
+    tensor between them. The lanes are kept rather than drawn again backwards from a seed,
+    which would keep less memory but make training slower (docs/performance.md, `fused_lora`).
     """
 
     @staticmethod
