@@ -45,7 +45,7 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(to_json(plan), indent=2))
     else:
-        print(render(plan, cfg.rank, cfg.alpha, cfg.dropout, cfg.bias))
+        print(render(plan, cfg.rank, cfg.alpha, cfg.dropout, cfg.bias, cfg.precision, cfg.quantize))
     return 0
 
 

@@ -105,7 +105,14 @@ def paths_here(spec: dict) -> dict:
     cfg = StudyConfig(**spec["config"])
     try:
         here = resolve_paths(
-            cfg.device, cfg.onednn, cfg.onednn_head, cfg.product_dtype, Machine.here()
+            cfg.device,
+            cfg.onednn,
+            cfg.onednn_head,
+            cfg.product_dtype,
+            Machine.here(),
+            cfg.precision,
+            cfg.quantize,
+            cfg.attention,
         ).to_dict()
     except UserError:
         return spec  # a path this node cannot take: the run records why

@@ -72,6 +72,12 @@ class StudyConfig:
     checkpoint_minutes: float | None = 5.0
     keep_checkpoints: bool = False  # keep the last one after the run finishes
     device: str = "auto"  # auto | cpu | cuda | mps
+    # numbers on the device: auto = bf16 on a GPU that has it (fp16 with loss scaling where it
+    # does not), float32 on CPU; the base in that dtype, adapters and optimizer in float32
+    precision: str = "auto"  # auto | float32 | bf16 | fp16
+    quantize: str = "none"  # none | 4bit (NF4, double quantization, as QLoRA) | 8bit: bitsandbytes
+    attention: str = "auto"  # auto (flash_attention_2 on CUDA where installed, else sdpa) | sdpa | eager | flash_attention_2
+    runs_per_device: str = "1"  # runs at once on the device, each its own process; auto: from the first run's peak memory
     threads: int | None = None
     eval_batch_size: int = 4
     pack_eval: bool = True  # evaluate packed rows, no padding (checked exact; both bench paths)
@@ -164,7 +170,7 @@ def idle_fast_paths(cfg: StudyConfig) -> list[str]:
 NOT_RUN_KEYS = (
     "strategies", "layer_study", "seeds", "reference", "compare", "report_to", "wandb_project",
     "equal_budget", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
-    "executor", "ray_address", "gpus_per_run", "cpus_per_run", "max_retries",
+    "executor", "ray_address", "gpus_per_run", "cpus_per_run", "max_retries", "runs_per_device",
     *(p.key for p in FAST_PATHS if p.per_study),
 )  # fmt: skip
 
@@ -181,6 +187,9 @@ CHOICES = {
     "pad_to": ("longest", "max_length"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "product_dtype": ("auto", "float32", "bfloat16"),
+    "precision": ("auto", "float32", "bf16", "fp16"),
+    "quantize": ("none", "4bit", "8bit"),
+    "attention": ("auto", "sdpa", "eager", "flash_attention_2"),
     "compare": ("all", "reference"),
     "executor": ("local", "ray"),
     "scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
@@ -258,6 +267,12 @@ def _validate(cfg: StudyConfig) -> None:
         )
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
         raise UserError("dropout and warmup_ratio must be in [0, 1)")
+    if cfg.runs_per_device != "auto" and not (
+        cfg.runs_per_device.isdigit() and int(cfg.runs_per_device) >= 1
+    ):
+        raise UserError(
+            f"config key 'runs_per_device' must be a positive whole number or auto, got {cfg.runs_per_device!r}"
+        )
     if not cfg.seeds:
         raise UserError("at least one seed is needed")
     if not cfg.strategies and not cfg.layer_study:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +64,14 @@ def prepare(cfg: StudyConfig) -> Prepared:
 
     try:
         paths = resolve_paths(
-            cfg.device, cfg.onednn, cfg.onednn_head, cfg.product_dtype, Machine.here()
+            cfg.device,
+            cfg.onednn,
+            cfg.onednn_head,
+            cfg.product_dtype,
+            Machine.here(),
+            cfg.precision,
+            cfg.quantize,
+            cfg.attention,
         )
     except UserError:
         if cfg.executor != "ray":
@@ -118,7 +127,8 @@ def check_writable(out: Path) -> None:
 
 # Resolved paths that change what a run computes beyond float32 summation order: a finished
 # run is reused only where this machine would take the same ones.
-NUMERIC_PATHS = ("device", "product_dtype")
+# (A result from before a path existed took its only value then.)
+NUMERIC_PATHS = {"device": None, "product_dtype": None, "precision": "float32", "quantize": "none"}
 
 
 def is_done(result: dict | None, spec: dict) -> bool:
@@ -128,7 +138,10 @@ def is_done(result: dict | None, spec: dict) -> bool:
         and result.get("status") == "ok"
         and run_settings(result.get("config", {})) == run_settings(spec["config"])
         and result.get("strategy_spec") == spec["strategy"]
-        and ("paths" not in spec or all(paths.get(k) == spec["paths"][k] for k in NUMERIC_PATHS))
+        and (
+            "paths" not in spec
+            or all(paths.get(k, then) == spec["paths"][k] for k, then in NUMERIC_PATHS.items())
+        )
     )
 
 
@@ -207,50 +220,86 @@ def execute(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[di
 
 
 def run_local(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[dict]:
-    """Run the specs one after another on this machine, each in a process of its own."""
-    started, durations, results = time.perf_counter(), [], []
-    for i, spec in enumerate(todo, 1):
-        name, seed = spec["strategy"]["name"], spec["seed"]
-        eta = (
-            f", ETA {_fmt(sum(durations) / len(durations) * (len(todo) - i + 1))}"
-            if durations
-            else ""
-        )
-        log(
-            f"run {i}/{len(todo)}: {name} seed {seed} (elapsed {_fmt(time.perf_counter() - started)}{eta})"
-        )
-        folder = Path(spec["run_dir"])
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "result.json").unlink(missing_ok=True)
-        write_json(folder / "spec.json", spec)
-        t0 = time.perf_counter()
-        try:
-            code = server.run_spec(
-                folder / "spec.json", _env(cfg, out, f"{name}-seed-{seed}"), cfg.reuse_process
-            )
-        except KeyboardInterrupt:  # Ctrl-C: stop the run (it dies with its server), record nothing
-            server.close_worker(timeout=0)
-            raise
-        durations.append(time.perf_counter() - t0)
-        if not (folder / "result.json").is_file():  # the process died before it could say why
-            write_result(
-                folder / "result.json",
-                {
-                    "status": "failed",
-                    "strategy": name,
-                    "seed": seed,
-                    "config": spec["config"],
-                    "strategy_spec": spec["strategy"],
-                    "error": f"worker exited with status {code}",
-                },
-            )
-        result = json.loads((folder / "result.json").read_text())
-        status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
-        resumed = result.get("resumed_from_step")
-        since = f", resumed from step {resumed}" if resumed is not None else ""
-        log(f"  {name} seed {seed}: {status} ({_fmt(durations[-1])}{since})")
-        results.append(result)
-    return results
+    """Run the specs on this machine, each in a process of its own: one after another, or
+    `runs_per_device` at a time (auto: as many as fit beside the first run's peak memory)."""
+    progress = _Progress(len(todo), log)
+    at_once = int(cfg.runs_per_device) if cfg.runs_per_device != "auto" else 1
+    results = []
+    if cfg.runs_per_device == "auto" and todo:
+        results.append(_run_one(todo[0], cfg, out, 1, progress))
+        at_once = runs_that_fit(results[0], cfg)
+        todo = todo[1:]
+    if at_once <= 1:
+        return results + [_run_one(spec, cfg, out, 1, progress) for spec in todo]
+    log(f"runs: {at_once} at a time on this device, each its own process")
+    with ThreadPoolExecutor(at_once) as pool:
+        return results + list(pool.map(lambda s: _run_one(s, cfg, out, at_once, progress), todo))
+
+
+def runs_that_fit(first: dict, cfg: StudyConfig) -> int:
+    """How many runs like `first` fit on its device at once: on a GPU, its free memory over
+    the first run's peak (10 % kept free), at most 8; on a CPU, whose cores one run already
+    uses, one."""
+    peak = (first.get("metrics") or {}).get("peak_memory_mb")
+    if first.get("device") != "cuda" or not peak:
+        return 1
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, min(8, int(0.9 * free / 2**20 // peak)))
+
+
+class _Progress:
+    """The study's progress lines, from however many runs are going at once."""
+
+    def __init__(self, total: int, log) -> None:
+        self.total, self.log, self.started, self.durations = total, log, time.perf_counter(), []
+        self.count, self.lock = 0, threading.Lock()
+
+    def begin(self, name: str, seed: int) -> None:
+        with self.lock:
+            self.count += 1
+            left = self.total - len(self.durations)
+            eta = (f", ETA {_fmt(sum(self.durations) / len(self.durations) * left)}"
+                   if self.durations else "")  # fmt: skip
+            elapsed = _fmt(time.perf_counter() - self.started)
+            self.log(f"run {self.count}/{self.total}: {name} seed {seed} (elapsed {elapsed}{eta})")
+
+    def end(self, name: str, seed: int, seconds: float, result: dict) -> None:
+        with self.lock:
+            self.durations.append(seconds)
+            status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
+            resumed = result.get("resumed_from_step")
+            since = f", resumed from step {resumed}" if resumed is not None else ""
+            self.log(f"  {name} seed {seed}: {status} ({_fmt(seconds)}{since})")
+
+
+def _run_one(spec: dict, cfg: StudyConfig, out: Path, at_once: int, progress) -> dict:
+    """One spec in a process of its own; its result (a failed one if the process died)."""
+    name, seed = spec["strategy"]["name"], spec["seed"]
+    progress.begin(name, seed)
+    folder = Path(spec["run_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").unlink(missing_ok=True)
+    write_json(folder / "spec.json", spec)
+    env = _env(cfg, out, f"{name}-seed-{seed}")
+    if at_once > 1 and not cfg.threads:  # the cores shared out, not each run taking them all
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // at_once))
+    t0 = time.perf_counter()
+    try:
+        reuse = cfg.reuse_process and at_once == 1  # the fork server runs one at a time
+        code = server.run_spec(folder / "spec.json", env, reuse)
+    except KeyboardInterrupt:  # Ctrl-C: stop the run (it dies with its server), record nothing
+        server.close_worker(timeout=0)
+        raise
+    if not (folder / "result.json").is_file():  # the process died before it could say why
+        write_result(folder / "result.json", {
+            "status": "failed", "strategy": name, "seed": seed, "config": spec["config"],
+            "strategy_spec": spec["strategy"], "error": f"worker exited with status {code}",
+        })  # fmt: skip
+    result = json.loads((folder / "result.json").read_text())
+    progress.end(name, seed, time.perf_counter() - t0, result)
+    return result
 
 
 def describe_paths(paths: dict, products: dict) -> str:

@@ -1,7 +1,7 @@
 """What this machine can run, and which path each `auto` setting takes on it.
 
     machine = Machine.here()                      # CPU flags, oneDNN, devices, a bfloat16 probe
-    paths = resolve_paths(cfg, machine)           # auto -> the path taken; impossible -> UserError
+    paths = resolve_paths(device, onednn, ...)    # auto -> the path taken; impossible -> UserError
     table = product_table(shapes, rows=384)       # oneDNN or the default BLAS, per product shape
 
 Every choice that depends on the hardware is made here, from inputs a test can feed: the CPU's
@@ -14,6 +14,7 @@ never picks a path the machine cannot run.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from loraplace.core.errors import UserError
 
+OPTIONAL_PACKAGES = ("bitsandbytes", "flash_attn")
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # x86 flags of CPUs that multiply bfloat16 natively
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
 # A library wins a product shape only when it is this much faster: timings of equal libraries
@@ -42,6 +44,8 @@ class Machine:
     bf16_products: bool = False
     devices: tuple[str, ...] = ("cpu",)
     isa_limits: dict = field(default_factory=dict)  # ONEDNN_MAX_CPU_ISA and the like, if set
+    gpu_bf16: bool = False  # the CUDA device computes in bfloat16
+    packages: frozenset[str] = frozenset()  # optional libraries installed: OPTIONAL_PACKAGES
 
     @staticmethod
     def here() -> Machine:
@@ -92,6 +96,8 @@ def _here() -> Machine:
         bf16_products=onednn and _bf16_product_runs(),
         devices=tuple(devices),
         isa_limits={k: os.environ[k] for k in ISA_VARIABLES if os.environ.get(k)},
+        gpu_bf16="cuda" in devices and torch.cuda.is_bf16_supported(),
+        packages=frozenset(p for p in OPTIONAL_PACKAGES if importlib.util.find_spec(p)),
     )
 
 
@@ -119,9 +125,22 @@ class Paths:
     onednn_head: bool  # the output head's products likewise
     onednn_head_measured: bool
     product_dtype: str  # float32 | bfloat16
+    precision: str = "float32"  # the base's dtype and autocast: float32 | bf16 | fp16
+    quantize: str = "none"  # none | 4bit | 8bit
+    attention: str = "sdpa"  # sdpa | eager | flash_attention_2
+
+    @property
+    def cpu_kernels(self) -> bool:
+        """loraplace's own CPU functions (fused LoRA and SwiGLU, blocked head loss, oneDNN
+        products) assume float32 weights on the CPU; elsewhere the library's path runs."""
+        return self.device == "cpu" and self.precision == "float32" and self.quantize == "none"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"cpu_kernels": self.cpu_kernels}
+
+    @staticmethod
+    def from_dict(d: dict) -> Paths:
+        return Paths(**{k: v for k, v in d.items() if k in Paths.__dataclass_fields__})
 
 
 def pick_device(choice: str, machine: Machine) -> str:
@@ -171,19 +190,75 @@ def pick_product_dtype(choice: str, device: str, onednn: bool, machine: Machine)
     return choice
 
 
+def pick_precision(choice: str, device: str, machine: Machine) -> str:
+    """auto: bf16 on a GPU that has it, fp16 (with loss scaling) on one that does not,
+    float32 elsewhere. fp16 is refused off CUDA: its loss scaling runs only there."""
+    if choice == "auto":
+        if device == "cuda":
+            return "bf16" if machine.gpu_bf16 else "fp16"
+        return "float32"
+    if choice == "fp16" and device != "cuda":
+        raise UserError(
+            f"precision fp16 needs a CUDA GPU (its loss scaling runs only there) and this study "
+            f"runs on {device}; use precision auto, float32 or bf16"
+        )
+    if choice == "bf16" and device == "cuda" and not machine.gpu_bf16:
+        raise UserError("this GPU does not compute in bfloat16; use precision auto or fp16")
+    return choice
+
+
+def pick_quantize(choice: str, machine: Machine) -> str:
+    if choice != "none" and "bitsandbytes" not in machine.packages:
+        raise UserError(
+            f"quantize {choice} needs bitsandbytes, which is not installed: "
+            "pip install 'loraplace[quant]', or use quantize none"
+        )
+    return choice
+
+
+def pick_attention(choice: str, device: str, machine: Machine) -> str:
+    """auto: FlashAttention-2 on CUDA where flash-attn is installed, else PyTorch's SDPA."""
+    flash = device == "cuda" and "flash_attn" in machine.packages
+    if choice == "auto":
+        return "flash_attention_2" if flash else "sdpa"
+    if choice == "flash_attention_2" and not flash:
+        why = "flash-attn is not installed" if device == "cuda" else f"this study runs on {device}"
+        raise UserError(
+            f"attention flash_attention_2 needs a CUDA GPU and flash-attn ({why}); "
+            "use attention auto or sdpa"
+        )
+    return choice
+
+
 def resolve_paths(
     device: str,
     onednn: bool | None,
     onednn_head: bool | None,
     product_dtype: str,
     machine: Machine,
+    precision: str = "auto",
+    quantize: str = "none",
+    attention: str = "auto",
 ) -> Paths:
     """The paths a run takes here for these settings; UserError for one it cannot take.
 
     `onednn_head` None follows `onednn`. Where `auto` chose oneDNN, the library of each
     product shape is then measured (`product_table`); where it was asked for, oneDNN runs all.
+    oneDNN and bfloat16 products are CPU paths for float32 weights: with another precision or
+    a quantized base, `auto` leaves them off and asking for them is refused.
     """
     resolved_device = pick_device(device, machine)
+    numbers = pick_precision(precision, resolved_device, machine)
+    quantized = pick_quantize(quantize, machine)
+    if resolved_device == "cpu" and (numbers, quantized) != ("float32", "none"):
+        if onednn or onednn_head or product_dtype == "bfloat16":
+            raise UserError(
+                f"onednn and product_dtype bfloat16 are paths for float32 weights, and this "
+                f"study's base is {quantized if quantized != 'none' else numbers}; "
+                "leave them auto"
+            )
+        onednn = onednn_head = False
+        product_dtype = "float32"
     use_onednn = pick_onednn(onednn, resolved_device, machine)
     head = use_onednn if onednn_head is None else pick_onednn(onednn_head, resolved_device, machine)
     return Paths(
@@ -193,6 +268,9 @@ def resolve_paths(
         onednn_head=head,
         onednn_head_measured=head and onednn_head is None and onednn is None,
         product_dtype=pick_product_dtype(product_dtype, resolved_device, use_onednn, machine),
+        precision=numbers,
+        quantize=quantized,
+        attention=pick_attention(attention, resolved_device, machine),
     )
 
 

@@ -48,6 +48,11 @@ def to_json(plan: ModelPlan) -> dict:
     return {
         "model": plan.model,
         "base_params": plan.base_params,
+        "base_memory_mb": {
+            f"{p}{'' if q == 'none' else '+' + q}": round(base_memory_mb(plan, p, q), 1)
+            for p in ("float32", "bf16")
+            for q in ("none", "8bit", "4bit")
+        },
         "n_layers": plan.n_layers,
         "strategies": [
             {
@@ -93,7 +98,36 @@ def seed_notes(plan: ModelPlan) -> list[str]:
     return notes
 
 
-def render(plan: ModelPlan, rank: int, alpha: float, dropout: float, bias: str) -> str:
+# Bytes per weight. NF4 with double quantization: 4 bits, plus one 8-bit scale per 64 weights
+# and one float32 scale per 256 of those (QLoRA, section 2); LLM.int8: 1 byte (its per-row
+# scales are negligible). Only the decoder layers' linear weights are quantized.
+BYTES = {"float32": 4.0, "bf16": 2.0, "fp16": 2.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256),
+         "8bit": 1.0}  # fmt: skip
+
+
+def base_memory_mb(plan: ModelPlan, precision: str, quantize: str = "none") -> float:
+    """The base's weights in memory, in MB: in `precision`, with the decoder's linear weights
+    in `quantize`'s bits where it is not none."""
+    linear = sum(m.in_features * m.out_features for m in plan.modules if m.layer is not None)
+    if quantize == "none":
+        return plan.base_params * BYTES[precision] / 2**20
+    return (linear * BYTES[quantize] + (plan.base_params - linear) * BYTES[precision]) / 2**20
+
+
+def memory_line(plan: ModelPlan, precision: str = "auto", quantize: str = "none") -> str:
+    if precision == "auto":  # resolved per device: float32 on CPU, bf16 (or fp16) on a GPU
+        f32, half = (base_memory_mb(plan, p, quantize) for p in ("float32", "bf16"))
+        how = f"{f32:,.0f} MB in float32 (CPU), {half:,.0f} MB in bf16 (GPU)"
+    else:
+        how = f"{base_memory_mb(plan, precision, quantize):,.0f} MB in {precision}"
+    bits = f", decoder linear weights in {quantize}" if quantize != "none" else ""
+    return f"base weights in memory: {how}{bits} (precision {precision}, quantize {quantize})"
+
+
+def render(
+    plan: ModelPlan, rank: int, alpha: float, dropout: float, bias: str,
+    precision: str = "auto", quantize: str = "none",
+) -> str:  # fmt: skip
     roles_present = [r for r in ROLES if any(m.role == r for m in plan.modules)]
     other = [m.path for m in plan.modules if m.role == "other"]
     full = next((p.trainable_params for p in plan.placements if p.strategy.name == "full"), None)
@@ -102,6 +136,7 @@ def render(plan: ModelPlan, rank: int, alpha: float, dropout: float, bias: str) 
         f"base parameters: {plan.base_params:,} (tied embeddings counted once); "
         f"{plan.n_layers} layers; roles: {', '.join(roles_present)}",
         f"not adapted (role other): {', '.join(other) if other else 'none'}",
+        memory_line(plan, precision, quantize),
         f"LoRA: r={rank} alpha={alpha:g} dropout={dropout:g} bias={bias}",
         "",
         f"{'strategy':<18}{'layers':<12}{'modules':>8}{'trainable':>13}{'% base':>9}{'vs full':>9}  by role",

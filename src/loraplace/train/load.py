@@ -1,6 +1,11 @@
 """A model's weights and tokenizer, from a source `plan.models.resolve` found.
 
-model, tokenizer = load_model(resolve("embedded"))  # float32, ready for PEFT and Trainer
+    model, tokenizer = load_model(resolve("embedded"))         # float32, ready for PEFT
+    model, tokenizer = load_model(source, quantize="4bit", device="cuda", dtype=torch.bfloat16)
+
+A quantized base (bitsandbytes: NF4 with double quantization as QLoRA, or LLM.int8) is placed
+on its device as it loads; its linear layers stay `nn.Linear` subclasses, so placement and
+PEFT see the same modules as on a float base.
 """
 
 from __future__ import annotations
@@ -9,16 +14,42 @@ import torch
 
 from loraplace.plan.models import ModelSource, _hub_call, _pretrained_args, clear_quantized_flag
 
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-def load_model(source: ModelSource, dtype: torch.dtype = torch.float32):
+
+def load_model(
+    source: ModelSource,
+    dtype: torch.dtype = torch.float32,
+    quantize: str = "none",
+    device: str = "cpu",
+    attention: str | None = None,
+):
     """The model with its weights and its tokenizer (a pad token is set if it has none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, kwargs = _pretrained_args(source)
     tokenizer = _hub_call(source, AutoTokenizer.from_pretrained, path, **kwargs)
+    if attention:
+        kwargs["attn_implementation"] = attention
+    if quantize != "none":
+        kwargs |= {"quantization_config": bnb_config(quantize, dtype), "device_map": {"": device}}
     model = _hub_call(source, AutoModelForCausalLM.from_pretrained, path, dtype=dtype, **kwargs)
-    if source.kind == "gguf":
+    if source.kind == "gguf" and quantize == "none":  # de-quantized GGUF, not a bitsandbytes base
         clear_quantized_flag(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def bnb_config(quantize: str, compute: torch.dtype):
+    """QLoRA's settings for 4 bits (NF4, double quantization, computing in `compute`)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )

@@ -108,7 +108,7 @@ BASE_EVAL_KEYS = (
 
 
 def base_evaluation(
-    spec: dict, cfg: StudyConfig, device: str, eval_set, evaluate, head: str | None
+    spec: dict, cfg: StudyConfig, paths: dict, eval_set, evaluate, head: str | None
 ) -> list:
     """The untrained model's per-example losses: computed once per study and shared by its runs
     when `reuse_base_eval` (every run of a study evaluates the same base model on the same rows)."""
@@ -116,11 +116,16 @@ def base_evaluation(
     if not cfg.reuse_base_eval or not path:
         return evaluate()
     tokens = hashlib.sha256(json.dumps([e.input_ids for e in eval_set]).encode()).hexdigest()
-    key = {k: getattr(cfg, k) for k in BASE_EVAL_KEYS} | {
-        "device": device,
-        "tokens": tokens,
-        "head": head,
-    }
+    numbers = {k: paths.get(k) for k in ("precision", "quantize", "attention") if k in paths}
+    key = (
+        {k: getattr(cfg, k) for k in BASE_EVAL_KEYS}
+        | numbers
+        | {
+            "device": paths["device"],
+            "tokens": tokens,
+            "head": head,
+        }
+    )
     try:
         cached = json.loads(Path(path).read_text())
         if cached.get("key") == key:
@@ -161,7 +166,14 @@ def run_paths(spec: dict, cfg: StudyConfig) -> dict:
         return spec["paths"]
     machine = Machine.here()
     return resolve_paths(
-        cfg.device, cfg.onednn, cfg.onednn_head, cfg.product_dtype, machine
+        cfg.device,
+        cfg.onednn,
+        cfg.onednn_head,
+        cfg.product_dtype,
+        machine,
+        cfg.precision,
+        cfg.quantize,
+        cfg.attention,
     ).to_dict()
 
 
@@ -176,7 +188,9 @@ def run_products(spec: dict, cfg: StudyConfig, paths: dict, model) -> dict:
     shapes = [(m.out_features, m.in_features) for m in classify(model) if m.layer is not None]
     head = model.get_output_embeddings()
     head_shape = tuple(head.weight.shape) if isinstance(head, torch.nn.Linear) else None
-    return products_for(Paths(**paths), shapes, head_shape, pack_rows(cfg), ROWS, cfg.threads)
+    return products_for(
+        Paths.from_dict(paths), shapes, head_shape, pack_rows(cfg), ROWS, cfg.threads
+    )
 
 
 def pack_rows(cfg: StudyConfig) -> int:
@@ -184,12 +198,17 @@ def pack_rows(cfg: StudyConfig) -> int:
     return cfg.pack_tokens or cfg.max_length * 3 // 2
 
 
-def _load(cfg: StudyConfig, device: str):
+def _load(cfg: StudyConfig, paths: dict):
+    """Weights (float32, or quantized as they load), tokenizer, rows and tokenized examples."""
     from loraplace.plan.models import resolve
-    from loraplace.train.load import load_model
+    from loraplace.train.load import DTYPES, load_model
 
-    model, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code))
-    model.to(device)
+    device, quantize = paths["device"], paths.get("quantize", "none")
+    dtype = DTYPES[paths.get("precision", "float32")] if quantize != "none" else torch.float32
+    model, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code), dtype, quantize,
+                                  device, paths.get("attention"))  # fmt: skip
+    if quantize == "none":
+        model.to(device)
     rows = {
         "train": load_rows(cfg.data, cfg.train_split),
         "eval": load_rows(cfg.data, cfg.eval_split),
@@ -198,10 +217,11 @@ def _load(cfg: StudyConfig, device: str):
     return model, tokenizer, rows, sets
 
 
-def _batching(cfg: StudyConfig, model, tokenizer, device: str, notes: Notes) -> dict:
+def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> dict:
     """How training and evaluation batch their examples: packed where checked exact."""
     from loraplace.fast.segments import use_segment_attention
 
+    device = paths["device"]
     pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
     wanted = cfg.packing and cfg.fuse_accumulation and pad_to is None
     exact = (wanted or cfg.pack_eval) and remembered_check(
@@ -211,7 +231,9 @@ def _batching(cfg: StudyConfig, model, tokenizer, device: str, notes: Notes) -> 
     if wanted and not exact:
         notes.add("packing", "packed rows did not give each example its own loss on this model")
     segments = False
-    if packed and cfg.segment_attention:
+    if packed and cfg.segment_attention and paths.get("attention", "sdpa") != "sdpa":
+        notes.add("segment_attention", f"it replaces SDPA, and attention is {paths['attention']}")
+    elif packed and cfg.segment_attention:
         segments = use_segment_attention(model)
         if not segments:
             notes.add("segment_attention", "the model does not run SDPA attention")
@@ -237,6 +259,8 @@ def _head(model, device: str, paths: dict, products: dict, notes: Notes) -> dict
     with the head's chosen libraries: checked once, here, for training and evaluation."""
     from loraplace.fast.headloss import head_loss_matches
 
+    if not paths.get("cpu_kernels", True):  # a float32 CPU function: not for this base
+        return {"blocks": False, "onednn": (False, False)}
     pair = tuple(products.get("head", (paths["onednn_head"],) * 2))
     blocks = remembered_check("head", model, device, head_loss_matches, 1e-4, (False, False))
     if any(pair) and not (
@@ -246,6 +270,20 @@ def _head(model, device: str, paths: dict, products: dict, notes: Notes) -> dict
             notes.add("onednn_head", "the head's products through oneDNN were not exact here")
         pair = (False, False)
     return {"blocks": blocks, "onednn": pair}
+
+
+def _in_precision(model, paths: dict):
+    """The base in the run's precision (adapters, attached later, stay float32); a quantized
+    base made ready for training as QLoRA does (norms and head in float32, all frozen)."""
+    from loraplace.train.load import DTYPES
+
+    if paths.get("quantize", "none") != "none":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if paths.get("precision", "float32") != "float32":
+        model.to(DTYPES[paths["precision"]])
+    return model
 
 
 @dataclasses.dataclass
@@ -276,15 +314,16 @@ def train_run(spec: dict) -> dict:
     run = _start(spec)
     cfg = run.cfg
     with run.phases("load"):
-        model, tokenizer, rows, sets = _load(cfg, run.device)
-    with run.phases("checks"):
+        model, tokenizer, rows, sets = _load(cfg, run.paths)
+    with run.phases("checks"):  # on float32 weights: exactness is a float32 property
         products = run_products(spec, cfg, run.paths, model)
-        batching = _batching(cfg, model, tokenizer, run.device, run.notes)
+        batching = _batching(cfg, model, tokenizer, run.paths, run.notes)
         head = _head(model, run.device, run.paths, products, run.notes)
+    model = _in_precision(model, run.paths)
     eval_head = _eval_head(batching, head)
     evaluate = _evaluator(run, model, sets["eval"], batching["eval_collate"], eval_head)
     with run.phases("base_eval"):
-        base = base_evaluation(spec, cfg, run.device, sets["eval"], evaluate, eval_head)
+        base = base_evaluation(spec, cfg, run.paths, sets["eval"], evaluate, eval_head)
     placement = planned_placement(spec, model, cfg)
     arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
     with run.phases("attach"):
@@ -373,12 +412,25 @@ def _evaluator(run: Run, model, eval_set, collate, head: str | None):
     def evaluate():
         start = time.perf_counter()
         try:
-            return example_losses(model, eval_set, collate, run.cfg.eval_batch_size,
-                                  run.device, head)  # fmt: skip
+            with autocast(run.paths):  # evaluation computes in the precision training does
+                return example_losses(model, eval_set, collate, run.cfg.eval_batch_size,
+                                      run.device, head)  # fmt: skip
         finally:
             run.timing["eval_s"] += time.perf_counter() - start
 
     return evaluate
+
+
+def autocast(paths: dict):
+    """torch's autocast in the run's precision; nothing in float32."""
+    from contextlib import nullcontext
+
+    from loraplace.train.load import DTYPES
+
+    precision = paths.get("precision", "float32")
+    if precision == "float32":
+        return nullcontext()
+    return torch.autocast(paths["device"], dtype=DTYPES[precision])
 
 
 def planned_placement(spec: dict, model, cfg: StudyConfig):
@@ -409,17 +461,17 @@ def _adapt(run: Run, model, placement, products: dict, packed: bool, head: dict)
     from loraplace.fast.kernels import accelerate
     from loraplace.plan.adapters import attach
 
-    cfg, notes = run.cfg, run.notes
+    cfg, notes, cpu = run.cfg, run.notes, run.paths.get("cpu_kernels", True)
     model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
     bf16 = run.paths["product_dtype"] == "bfloat16"
-    taken = accelerate(model, cfg.fused_lora, run.paths["onednn"], cfg.fused_mlp, bf16,
-                       products.get("decoder"))  # fmt: skip
-    if cfg.fused_lora and placement.modules and not taken["fused_lora"]:
+    taken = accelerate(model, cfg.fused_lora and cpu, run.paths["onednn"], cfg.fused_mlp and cpu,
+                       bf16, products.get("decoder"))  # fmt: skip
+    if cfg.fused_lora and placement.modules and cpu and not taken["fused_lora"]:
         notes.add("fused_lora", "no adapted layer is one the fused function reproduces exactly")
     if bf16 and not taken["bf16_products"]:
         notes.add("product_dtype", "no frozen float32 product to run in bfloat16")
     fused_head = packed and cfg.fused_head_loss and head["blocks"] and head_is_frozen(model)
-    if packed and cfg.fused_head_loss and not fused_head:
+    if packed and cfg.fused_head_loss and cpu and not fused_head:
         notes.add("fused_head_loss", "the model's own loss differs from the blocked head loss")
     taken["fused_head"] = bool(fused_head)
     taken["head_libraries"] = head["onednn"] if fused_head else (False, False)
@@ -429,7 +481,7 @@ def _adapt(run: Run, model, placement, products: dict, packed: bool, head: dict)
 def _generations(run: Run, model, tokenizer, prompts: list[str]) -> list[str]:
     if not prompts:
         return []
-    with run.phases("generations"):
+    with run.phases("generations"), autocast(run.paths):
         return greedy_generations(
             model, tokenizer, prompts, run.cfg.max_new_tokens, run.device, run.cfg.max_length
         )
@@ -455,7 +507,14 @@ def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
     cls = chunked_trainer(taken["fused_head"], taken["head_libraries"]) if packed else Trainer
     trainer = cls(
         model=model,
-        args=training_args(cfg, run.run_dir, run.seed, run.strategy.name, run.device),
+        args=training_args(
+            cfg,
+            run.run_dir,
+            run.seed,
+            run.strategy.name,
+            run.device,
+            run.paths.get("precision", "float32"),
+        ),  # fmt: skip
         train_dataset=train_set,
         data_collator=batching["collate"],
         callbacks=[recorder(evaluate, curves)],
@@ -539,6 +598,7 @@ def run_spec_file(spec_path: Path) -> int:
         "strategy_spec": spec["strategy"],
         "loraplace_version": __version__,
         **environment(),
+        "timing": {"started": time.time()},  # wall clock: runs at once overlap in these
     }
     try:
         faults.limit_file_size(faults.for_run(spec["strategy"]["name"], spec["seed"]))
@@ -556,6 +616,7 @@ def run_spec_file(spec_path: Path) -> int:
             result["error"] = f"out of memory ({result['error']})"
         else:
             result["traceback"] = traceback.format_exc()
+    result["timing"]["finished"] = time.time()
     write_result(spec_path.parent / "result.json", result)
     if result["status"] == "ok" and not spec["config"].get("keep_checkpoints"):
         checkpoints.clear(spec_path.parent)

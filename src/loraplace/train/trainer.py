@@ -82,7 +82,9 @@ def chunked_trainer(fused_head_loss: bool = False, onednn_head=(False, False)):
     return ChunkedTrainer
 
 
-def training_args(cfg: StudyConfig, run_dir: Path, seed: int, name: str, device: str):
+def training_args(
+    cfg: StudyConfig, run_dir: Path, seed: int, name: str, device: str, precision: str = "float32"
+):
     from transformers import TrainingArguments
 
     fused = cfg.fuse_accumulation
@@ -104,6 +106,8 @@ def training_args(cfg: StudyConfig, run_dir: Path, seed: int, name: str, device:
         report_to=cfg.report_to or "none",
         run_name=f"{name}-seed-{seed}",
         use_cpu=device == "cpu",
+        bf16=precision == "bf16",  # autocast; the adapters and optimizer stay float32
+        fp16=precision == "fp16",  # autocast with loss scaling (CUDA only)
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty() and not os.environ.get("LORAPLACE_PROGRESS"),
