@@ -51,6 +51,7 @@ def test_auto_precision_is_bf16_on_a_bf16_gpu_fp16_on_an_older_one_float32_on_cp
         ("precision=fp16", "precision fp16 needs a CUDA GPU"),
         ("attention=flash_attention_2", "attention flash_attention_2 needs a CUDA GPU"),
         ("runs_per_device=0", "'runs_per_device' must be a positive whole number or auto"),
+        ("liger_kernel=true", "liger_kernel needs a CUDA GPU with liger-kernel and triton"),
     ],
 )
 def test_settings_this_machine_cannot_run_end_in_one_sentence_before_anything_is_written(

@@ -339,3 +339,20 @@ def test_a_run_attaches_the_plan_the_study_made_and_refuses_a_model_that_places_
     shrunk = {**plan, "ranks": dict(list(plan["ranks"].items())[1:])}  # a module fewer
     with pytest.raises(RuntimeError, match="does not place 'attention' as planned"):
         planned_placement({**spec, "plan": shrunk | {"trainable_params": 1}}, model, cfg)
+
+
+def test_without_the_inner_curve_points_a_run_ends_with_the_same_numbers(
+    capsys, tiny_gpt2_dir, tmp_path
+):
+    two_epochs = ("--strategy", "full", "--epochs", "2")
+    curve, final = tmp_path / "curve", tmp_path / "final"
+    assert study(capsys, tiny_gpt2_dir, curve, *two_epochs)[0] == 0
+    assert (
+        study(capsys, tiny_gpt2_dir, final, *two_epochs, "--set", "eval_every_epoch=false")[0] == 0
+    )
+    a, b = (json.loads((o / "runs/full/seed-42/result.json").read_text()) for o in (curve, final))
+    assert [p["epoch"] for p in a["curves"]["eval"]] == [1.0, 2.0]
+    assert [p["epoch"] for p in b["curves"]["eval"]] == [2.0]
+    assert b["metrics"]["eval_loss"] == a["metrics"]["eval_loss"]
+    assert b["curves"]["train"] == a["curves"]["train"]
+    assert b["phases_s"]["epoch_evals"] < a["phases_s"]["epoch_evals"]

@@ -113,6 +113,7 @@ def paths_here(spec: dict) -> dict:
             cfg.precision,
             cfg.quantize,
             cfg.attention,
+            cfg.liger_kernel,
         ).to_dict()
     except UserError:
         return spec  # a path this node cannot take: the run records why

@@ -77,6 +77,7 @@ class StudyConfig:
     precision: str = "auto"  # auto | float32 | bf16 | fp16
     quantize: str = "none"  # none | 4bit (NF4, double quantization, as QLoRA) | 8bit: bitsandbytes
     attention: str = "auto"  # auto (flash_attention_2 on CUDA where installed, else sdpa) | sdpa | eager | flash_attention_2
+    liger_kernel: bool = False  # CUDA: Liger Kernel's fused functions through the Trainer
     runs_per_device: str = "1"  # runs at once on the device, each its own process; auto: from the first run's peak memory
     threads: int | None = None
     eval_batch_size: int = 4
@@ -91,6 +92,9 @@ class StudyConfig:
     reference: str = "full"
     compare: str = "all"  # all pairs, or "reference"
     generations: int = 3
+    # the evaluation curve's points at every epoch end (the seed's curves); off: the final
+    # evaluation only, which saves a run (epochs - 1) evaluations
+    eval_every_epoch: bool = True
     max_new_tokens: int = 48
     report_to: list[str] = field(default_factory=list)  # wandb, tensorboard
     wandb_project: str = "loraplace"

@@ -72,6 +72,7 @@ def prepare(cfg: StudyConfig) -> Prepared:
             cfg.precision,
             cfg.quantize,
             cfg.attention,
+            cfg.liger_kernel,
         )
     except UserError:
         if cfg.executor != "ray":

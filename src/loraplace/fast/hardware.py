@@ -26,7 +26,7 @@ from pathlib import Path
 
 from loraplace.core.errors import UserError
 
-OPTIONAL_PACKAGES = ("bitsandbytes", "flash_attn")
+OPTIONAL_PACKAGES = ("bitsandbytes", "flash_attn", "liger_kernel", "triton")
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # x86 flags of CPUs that multiply bfloat16 natively
 ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
 # A library wins a product shape only when it is this much faster: timings of equal libraries
@@ -128,6 +128,7 @@ class Paths:
     precision: str = "float32"  # the base's dtype and autocast: float32 | bf16 | fp16
     quantize: str = "none"  # none | 4bit | 8bit
     attention: str = "sdpa"  # sdpa | eager | flash_attention_2
+    liger: bool = False  # Liger Kernel's Triton functions in the Trainer (CUDA)
 
     @property
     def cpu_kernels(self) -> bool:
@@ -230,6 +231,18 @@ def pick_attention(choice: str, device: str, machine: Machine) -> str:
     return choice
 
 
+def pick_liger(choice: bool, device: str, machine: Machine) -> bool:
+    """Liger Kernel (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE in Triton): GPU only."""
+    if not choice:
+        return False
+    missing = [p for p in ("liger_kernel", "triton") if p not in machine.packages]
+    if device != "cuda" or missing:
+        why = f"this study runs on {device}" if device != "cuda" else f"{missing[0]} is missing"
+        raise UserError(f"liger_kernel needs a CUDA GPU with liger-kernel and triton ({why}); "
+                        "set liger_kernel false")  # fmt: skip
+    return True
+
+
 def resolve_paths(
     device: str,
     onednn: bool | None,
@@ -239,6 +252,7 @@ def resolve_paths(
     precision: str = "auto",
     quantize: str = "none",
     attention: str = "auto",
+    liger: bool = False,
 ) -> Paths:
     """The paths a run takes here for these settings; UserError for one it cannot take.
 
@@ -271,6 +285,7 @@ def resolve_paths(
         precision=numbers,
         quantize=quantized,
         attention=pick_attention(attention, resolved_device, machine),
+        liger=pick_liger(liger, resolved_device, machine),
     )
 
 

@@ -174,6 +174,7 @@ def run_paths(spec: dict, cfg: StudyConfig) -> dict:
         cfg.precision,
         cfg.quantize,
         cfg.attention,
+        cfg.liger_kernel,
     ).to_dict()
 
 
@@ -507,17 +508,10 @@ def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
     cls = chunked_trainer(taken["fused_head"], taken["head_libraries"]) if packed else Trainer
     trainer = cls(
         model=model,
-        args=training_args(
-            cfg,
-            run.run_dir,
-            run.seed,
-            run.strategy.name,
-            run.device,
-            run.paths.get("precision", "float32"),
-        ),  # fmt: skip
+        args=training_args(cfg, run.run_dir, run.seed, run.strategy.name, run.paths),
         train_dataset=train_set,
         data_collator=batching["collate"],
-        callbacks=[recorder(evaluate, curves)],
+        callbacks=[recorder(evaluate, curves, cfg.eval_every_epoch)],
     )
     trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
     every_s = cfg.checkpoint_minutes * 60 if cfg.checkpoint_minutes else None

@@ -15,7 +15,7 @@ from loraplace.config import StudyConfig
 from loraplace.train.evaluate import token_weighted
 
 
-def recorder(evaluate, curves: dict):
+def recorder(evaluate, curves: dict, every_epoch: bool = True):
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
@@ -39,6 +39,8 @@ def recorder(evaluate, curves: dict):
                 )
 
         def on_epoch_end(self, args, state, control, **kwargs):
+            if not every_epoch and state.global_step < state.max_steps:
+                return  # the curve's inner points skipped: only the final evaluation
             per_example = evaluate()
             curves["eval"].append(
                 {
@@ -82,9 +84,7 @@ def chunked_trainer(fused_head_loss: bool = False, onednn_head=(False, False)):
     return ChunkedTrainer
 
 
-def training_args(
-    cfg: StudyConfig, run_dir: Path, seed: int, name: str, device: str, precision: str = "float32"
-):
+def training_args(cfg: StudyConfig, run_dir: Path, seed: int, name: str, paths: dict):
     from transformers import TrainingArguments
 
     fused = cfg.fuse_accumulation
@@ -105,9 +105,10 @@ def training_args(
         eval_strategy="no",
         report_to=cfg.report_to or "none",
         run_name=f"{name}-seed-{seed}",
-        use_cpu=device == "cpu",
-        bf16=precision == "bf16",  # autocast; the adapters and optimizer stay float32
-        fp16=precision == "fp16",  # autocast with loss scaling (CUDA only)
+        use_cpu=paths["device"] == "cpu",
+        bf16=paths.get("precision") == "bf16",  # autocast; adapters and optimizer stay float32
+        fp16=paths.get("precision") == "fp16",  # autocast with loss scaling (CUDA only)
+        use_liger_kernel=bool(paths.get("liger")),
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty() and not os.environ.get("LORAPLACE_PROGRESS"),
