@@ -122,10 +122,8 @@ def render(report: dict) -> str:
 
 
 def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
-    from loraplace.data.rows import load_rows, tokenize
-    from loraplace.plan.models import resolve
-    from loraplace.runner import describe_paths, prepare, run_study
-    from loraplace.train.load import load_model
+    """Each strategy the plain way and loraplace's way, alternating; bench.json and bench.md."""
+    from loraplace.runner import describe_paths, prepare
 
     out = Path(out)
     prepared = prepare(cfg)
@@ -135,13 +133,49 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
     log(
         f"bench: float32 matmul peak {peak:.0f} GFLOP/s; {len(strategies)} strategies, plain and loraplace alternating"
     )
-    _, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code))
-    lengths = [
-        len(e.input_ids)
-        for e in tokenize(
-            load_rows(cfg.data, cfg.train_split), tokenizer, cfg.max_length, cfg.loss_on
+    lengths = _train_lengths(cfg)
+    results = _run_both(cfg, strategies, out, log)
+    rows = []
+    for s in strategies:
+        plain, fast = results["plain"][s.name], results["loraplace"][s.name]
+        flops = tuple(
+            training_flops(r, lengths, cfg.epochs) if r.get("architecture") else 0.0
+            for r in (plain, fast)
         )
-    ]
+        rows.append(_row(s.name, plain, fast, peak, flops))
+    first = next(iter(results["loraplace"].values()))
+    report = {
+        "study": f"{cfg.model} on {cfg.data} {cfg.train_split} / {cfg.eval_split}, {cfg.epochs:g} epochs, "
+        f"{', '.join(s.name for s in strategies)}, seed {cfg.seeds[0]}",
+        "machine": f"{first.get('machine', {}).get('platform')}, {first.get('machine', {}).get('cpus')} CPUs, device {first.get('device')}",
+        "peak_gflops": peak,
+        "peak_gflops_by_library": peaks,
+        "paths": describe_paths(prepared.paths, prepared.products),
+        "train_tokens_per_epoch": sum(lengths),
+        "rows": rows,
+        "total": _total(rows, peak, sum(lengths) * cfg.epochs),
+        "config": cfg.to_dict(),
+    }
+    write_json(out / "bench.json", report)
+    write_text(out / "bench.md", render(report))
+    return report
+
+
+def _train_lengths(cfg: StudyConfig) -> list[int]:
+    """Tokens of every training example, for the FLOP count."""
+    from loraplace.data.rows import load_rows, tokenize
+    from loraplace.plan.models import resolve
+    from loraplace.train.load import load_model
+
+    _, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code))
+    rows = load_rows(cfg.data, cfg.train_split)
+    return [len(e.input_ids) for e in tokenize(rows, tokenizer, cfg.max_length, cfg.loss_on)]
+
+
+def _run_both(cfg: StudyConfig, strategies, out: Path, log) -> dict[str, dict]:
+    """{"plain": {strategy: result}, "loraplace": {...}}, each with its wall time."""
+    from loraplace.runner import run_study
+
     results: dict[str, dict] = {"plain": {}, "loraplace": {}}
     for tag in results:  # nothing carried over from an earlier benchmark
         (out / tag / "base_eval.json").unlink(missing_ok=True)
@@ -162,14 +196,11 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
             result = next(r for r in found if r["strategy"] == s.name)
             result["wall_s"] = time.perf_counter() - start
             results[tag][s.name] = result
-    rows = []
-    for s in strategies:
-        plain, fast = results["plain"][s.name], results["loraplace"][s.name]
-        flops = tuple(
-            training_flops(r, lengths, cfg.epochs) if r.get("architecture") else 0.0
-            for r in (plain, fast)
-        )
-        rows.append(_row(s.name, plain, fast, peak, flops))
+    return results
+
+
+def _total(rows: list[dict], peak: float, tokens_per_run: float) -> dict:
+    """The totals row: times summed, memory the largest, throughput over all training time."""
     total = {"strategy": "total"}
     for key in ("plain_wall_s", "loraplace_wall_s", "plain_train_s", "loraplace_train_s",
                 "plain_outside_train_s", "loraplace_outside_train_s"):  # fmt: skip
@@ -181,25 +212,8 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
         gflop = sum((r[f"{tag}_gflops"] or 0) * (r[f"{tag}_train_s"] or 0) for r in rows)
         total[f"{tag}_gflops"] = gflop / train_s if train_s else None
         total[f"{tag}_mfu_pct"] = 100 * total[f"{tag}_gflops"] / peak if train_s else None
-        total[f"{tag}_tokens_per_s"] = (
-            sum(lengths) * cfg.epochs * len(rows) / train_s if train_s else None
-        )
-    first = next(iter(results["loraplace"].values()))
-    report = {
-        "study": f"{cfg.model} on {cfg.data} {cfg.train_split} / {cfg.eval_split}, {cfg.epochs:g} epochs, "
-        f"{', '.join(s.name for s in strategies)}, seed {cfg.seeds[0]}",
-        "machine": f"{first.get('machine', {}).get('platform')}, {first.get('machine', {}).get('cpus')} CPUs, device {first.get('device')}",
-        "peak_gflops": peak,
-        "peak_gflops_by_library": peaks,
-        "paths": describe_paths(prepared.paths, prepared.products),
-        "train_tokens_per_epoch": sum(lengths),
-        "rows": rows,
-        "total": total,
-        "config": cfg.to_dict(),
-    }
-    write_json(out / "bench.json", report)
-    write_text(out / "bench.md", render(report))
-    return report
+        total[f"{tag}_tokens_per_s"] = tokens_per_run * len(rows) / train_s if train_s else None
+    return total
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -223,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraplace", description="Where should the LoRA adapters go?"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_plan_parser, _study_parsers, _advise_parser, _report_parser):
+        add(sub)
+    return parser
 
+
+def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="show what each strategy adapts and what it costs (no weights)")
     p.add_argument("--config", help="YAML study config: plan what `study` would run")
     p.add_argument(
@@ -250,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key")
     p.set_defaults(func=cmd_plan)
 
+
+def _study_parsers(sub) -> None:
     p = sub.add_parser("study", help="train every strategy x seed and compare them")
     _add_study_args(p)
     p.add_argument(
@@ -262,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/bench", help="benchmark folder (runs/bench)")
     p.set_defaults(func=cmd_bench)
 
+
+def _advise_parser(sub) -> None:
     p = sub.add_parser(
         "advise", help="predict where the adapters should go from a few batches of your data"
     )
@@ -301,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_advise, strategy=None, layer_study=None, equal_budget=None)
 
+
+def _report_parser(sub) -> None:
     p = sub.add_parser(
         "report", help="rebuild tables, statistics, figures and report.html from results"
     )
@@ -310,7 +321,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare", choices=["all", "reference"], help="all pairs, or each against the reference"
     )
     p.set_defaults(func=cmd_report)
-    return parser
 
 
 def _resume_hint(args, argv: list[str] | None) -> str:

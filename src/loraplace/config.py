@@ -151,6 +151,11 @@ FAST_PATHS = (
         changes="rounding of training's frozen products (bfloat16, float32 accumulation)",
         needs=("onednn",),
     ),
+    FastPath(
+        "precision", "float32", "the base in bf16 (fp16 where a GPU lacks it) on a GPU",
+        changes="rounding: products in bf16 or fp16 (auto: on GPUs only)",
+    ),
+    FastPath("runs_per_device", "1", "several runs at once on one device", per_study=True),
     FastPath("reuse_base_eval", False, "the untrained model evaluated once per study", per_study=True),
     FastPath("reuse_process", False, "runs forked from one server that imported the stack once", per_study=True),
 )  # fmt: skip
@@ -174,7 +179,7 @@ def idle_fast_paths(cfg: StudyConfig) -> list[str]:
 NOT_RUN_KEYS = (
     "strategies", "layer_study", "seeds", "reference", "compare", "report_to", "wandb_project",
     "equal_budget", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
-    "executor", "ray_address", "gpus_per_run", "cpus_per_run", "max_retries", "runs_per_device",
+    "executor", "ray_address", "gpus_per_run", "cpus_per_run", "max_retries",
     *(p.key for p in FAST_PATHS if p.per_study),
 )  # fmt: skip
 

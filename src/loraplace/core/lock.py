@@ -3,7 +3,7 @@
     with holding(out, "study", log):   # UserError naming the holder if another process has it
         ...
 
-The lock is OUT/.loraplace.core.lock, held with flock(2) for as long as the holding process lives:
+The lock is OUT/.loraplace.lock, held with flock(2) for as long as the holding process lives:
 the kernel lets go of it when the process ends, however it ends (kill -9 included), so a lock
 left behind by a dead study is simply taken, with a line saying whose it was. The file names the
 holder (pid, host, what it is doing, since when) for the message a second process gets.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from loraplace.core.errors import UserError
 
-NAME = ".loraplace.core.lock"
+NAME = ".loraplace.lock"
 _held: dict[Path, list] = {}  # folder -> [file, depth]
 
 

@@ -61,11 +61,9 @@ def release_freed_memory() -> bool:
     """Make glibc hand freed blocks of 1 MB or more back to the OS (a fixed mmap threshold).
 
     By default glibc raises that threshold to the largest block freed so far, so the activation
-    buffers of later chunks come from a heap that only grows: a 1-epoch `full` run on the
-    embedded model peaked at 2,228 MB that way and at 2,120 MB with the threshold fixed, with
-    no measurable change in time. (Trimming the heap after every optimizer step as well cut a
-    1-epoch `attention` run's peak by about 300 MB but a 3-epoch `full` run's training time
-    went from 203 s to 258 s: the freed pages fault back in at every step. Not done.)
+    buffers of later chunks come from a heap that only grows; fixed, a run's peak memory is
+    lower at no cost in time. The heap is not also trimmed after each step: the freed pages
+    would fault back in at every step (docs/performance.md, `release_memory`).
     False (nothing done) where the C library has no `mallopt`.
     """
     import ctypes
@@ -359,26 +357,38 @@ def train_run(spec: dict) -> dict:
             "checkpoint_s": run.timing["checkpoint_s"],
         },
         "resumed_from_step": resume.step if resume else None,
-        "per_example": {
-            "loss_sum": [s for s, _ in per_example],
-            "tokens": [n for _, n in per_example],
-            "loss": example_means(per_example),
-        },
-        "base_per_example": {"loss": example_means(base)},
+        **_losses(per_example, base),
         "curves": curves,
         "placement": _placement_record(placement),
         "generations": [
             {"prompt": p, "base": b, "adapted": g}
             for p, b, g in zip(prompts, base_generations, generations, strict=True)
         ],
-        "data": {
-            "name": dataset_name(cfg.data),
-            "train_rows": len(rows["train"]),
-            "eval_rows": len(rows["eval"]),
-            "eval_target_tokens": sum(n for _, n in per_example),
-        },
+        "data": _data_record(cfg, rows, per_example),
         **_paths_taken(run, products, batching, taken, eval_head),
         "architecture": arch,
+    }
+
+
+def _losses(per_example: list, base: list) -> dict:
+    """Per-example losses after training (sums and token counts, for paired statistics) and
+    of the untrained model."""
+    return {
+        "per_example": {
+            "loss_sum": [s for s, _ in per_example],
+            "tokens": [n for _, n in per_example],
+            "loss": example_means(per_example),
+        },
+        "base_per_example": {"loss": example_means(base)},
+    }
+
+
+def _data_record(cfg: StudyConfig, rows: dict, per_example: list) -> dict:
+    return {
+        "name": dataset_name(cfg.data),
+        "train_rows": len(rows["train"]),
+        "eval_rows": len(rows["eval"]),
+        "eval_target_tokens": sum(n for _, n in per_example),
     }
 
 

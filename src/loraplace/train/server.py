@@ -25,7 +25,7 @@ from loraplace.core.results import die_with_parent, peak_memory_restartable, res
 
 
 class Worker:
-    """A `python -m loraplace.train.run --serve` process: spec paths in on stdin, statuses back;
+    """A `python -m loraplace.train.server` process: spec paths in on stdin, statuses back;
     each run in a child it forks."""
 
     def __init__(self) -> None:
@@ -117,7 +117,7 @@ def serve(commands, replies) -> None:
     Each line of `commands` is {"spec": path, "env": environment, "cwd": folder}; its run
     gets that environment and folder, a fresh seed (in `train_run`) and its own peak-memory
     count, and its exit status goes back as one line {"code": status}. This process imports
-    Python's ML stack once (5.6 s per run here) and never computes anything, so every child
+    Python's ML stack once (seconds per run; docs/performance.md) and never computes anything, so every child
     starts as a fresh process would after its imports: nothing a run allocates or leaves
     behind reaches the next one, and OpenMP's threads are first started in the child. A run's
     peak memory adds what only this process holds while the run is alive (`peak_memory_mb`).
