@@ -100,21 +100,9 @@ def paths_here(spec: dict) -> dict:
     CPU driver, a CPU without bfloat16) drops them and the run resolves its own (train.py)."""
     if "paths" not in spec:
         return spec
-    from loraplace.fast.hardware import Machine, resolve_paths
-
     cfg = StudyConfig(**spec["config"])
     try:
-        here = resolve_paths(
-            cfg.device,
-            cfg.onednn,
-            cfg.onednn_head,
-            cfg.product_dtype,
-            Machine.here(),
-            cfg.precision,
-            cfg.quantize,
-            cfg.attention,
-            cfg.liger_kernel,
-        ).to_dict()
+        here = cfg.resolve_paths().to_dict()
     except UserError:
         return spec  # a path this node cannot take: the run records why
     if here == spec["paths"]:

@@ -103,6 +103,17 @@ class StudyConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def resolve_paths(self, machine=None):
+        """The paths this config takes on `machine` (this one by default), `auto` resolved;
+        UserError for a setting it cannot run (`fast.hardware.resolve_paths`)."""
+        from loraplace.fast.hardware import Machine, resolve_paths
+
+        return resolve_paths(
+            self.device, self.onednn, self.onednn_head, self.product_dtype,
+            machine or Machine.here(), self.precision, self.quantize, self.attention,
+            self.liger_kernel,
+        )  # fmt: skip
+
     def plain(self) -> StudyConfig:
         """This study the plain way: every fast path off (Trainer + PEFT, padded batches)."""
         return dataclasses.replace(self, **{p.key: p.plain for p in FAST_PATHS})

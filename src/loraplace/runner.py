@@ -56,24 +56,13 @@ def prepare(cfg: StudyConfig) -> Prepared:
     """Check hardware, model, strategies and data without loading weights (one sentence for
     anything wrong); resolve what `auto` takes on this machine."""
     from loraplace.data.rows import load_rows
-    from loraplace.fast.hardware import Machine, resolve_paths
     from loraplace.plan.budget import equalize
     from loraplace.plan.models import meta_model, resolve
     from loraplace.plan.placement import place
     from loraplace.plan.roles import classify
 
     try:
-        paths = resolve_paths(
-            cfg.device,
-            cfg.onednn,
-            cfg.onednn_head,
-            cfg.product_dtype,
-            Machine.here(),
-            cfg.precision,
-            cfg.quantize,
-            cfg.attention,
-            cfg.liger_kernel,
-        )
+        paths = cfg.resolve_paths()
     except UserError:
         if cfg.executor != "ray":
             raise

@@ -158,22 +158,9 @@ class Phases(dict):
 
 def run_paths(spec: dict, cfg: StudyConfig) -> dict:
     """The paths the study resolved for this run, or (a spec without them) resolved here."""
-    from loraplace.fast.hardware import Machine, resolve_paths
-
     if "paths" in spec:
         return spec["paths"]
-    machine = Machine.here()
-    return resolve_paths(
-        cfg.device,
-        cfg.onednn,
-        cfg.onednn_head,
-        cfg.product_dtype,
-        machine,
-        cfg.precision,
-        cfg.quantize,
-        cfg.attention,
-        cfg.liger_kernel,
-    ).to_dict()
+    return cfg.resolve_paths().to_dict()
 
 
 def run_products(spec: dict, cfg: StudyConfig, paths: dict, model) -> dict:
