@@ -192,7 +192,7 @@ def test_a_run_records_resolved_paths_and_is_redone_where_they_differ(
     assert json.loads(path.read_text())["paths"]["product_dtype"] != other
 
 
-def _never_exact(model, device="cpu", tolerance=1e-4, segments=False):
+def _never_exact(model, device="cpu", tolerance=1e-4, segments=False, form="mask"):
     return False
 
 

@@ -8,9 +8,13 @@ import json
 import re
 
 import pytest
+import torch
+from conftest import tiny_model
 from test_study import study
 
+from loraplace.data.rows import IGNORE, Example, PackedCollator, packing_is_exact
 from loraplace.fast.hardware import Machine, pick_attention, pick_precision, resolve_paths
+from loraplace.train.run import PACKING_TOLERANCE
 
 BNB = importlib.util.find_spec("bitsandbytes") is not None
 ONE = ("--strategy", "full", "--set", "reuse_process=false")
@@ -44,6 +48,55 @@ def test_auto_precision_is_bf16_on_a_bf16_gpu_fp16_on_an_older_one_float32_on_cp
     flash = Machine(devices=("cpu", "cuda"), packages=frozenset({"flash_attn"}))
     assert pick_attention("auto", "cuda", flash) == "flash_attention_2"
     assert pick_attention("auto", "cuda", Machine(devices=("cpu", "cuda"))) == "sdpa"
+
+
+def test_packed_rows_are_ours_on_cpu_float32_and_the_librarys_elsewhere():
+    cpu = resolve_paths("cpu", None, None, "auto", Machine())
+    assert cpu.packed_rows == "mask"
+    assert resolve_paths("cpu", None, None, "auto", Machine(), precision="bf16").packed_rows == (
+        "positions"
+    )
+    gpu = Machine(devices=("cpu", "cuda"), gpu_bf16=True, packages=frozenset({"flash_attn"}))
+    assert resolve_paths("cuda", None, None, "auto", gpu).packed_rows == "varlen"
+    assert resolve_paths("cuda", None, None, "auto", gpu, attention="sdpa").packed_rows == (
+        "positions"
+    )
+
+
+def _examples(lengths=(9, 14, 6)) -> list[Example]:
+    gen = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 120, (n,), generator=gen).tolist() for n in lengths]
+    return [Example(ids, [IGNORE] + ids[1:]) for ids in rows]
+
+
+def test_the_librarys_packed_rows_hold_the_same_tokens_and_flashattentions_boundaries():
+    examples = _examples()
+    ours = PackedCollator().pack(examples)
+    for form in ("positions", "varlen"):
+        theirs = PackedCollator(form=form).pack(examples)
+        assert "attention_mask" not in theirs and theirs["use_cache"] is False
+        for key in ("input_ids", "position_ids", "labels"):
+            assert torch.equal(theirs[key], ours[key]), (form, key)
+    varlen = PackedCollator(form="varlen").pack(examples)
+    assert varlen["cu_seq_lens_q"].tolist() == [0, 9, 23, 29] and varlen["max_length_q"] == 14
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "mistral"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_librarys_packed_rows_give_each_example_its_own_loss(kind, attention, dtype):
+    model = tiny_model(kind).to(dtype)
+    model.set_attn_implementation(attention)
+    tolerance = PACKING_TOLERANCE["float32" if dtype == torch.float32 else "bf16"]
+    assert packing_is_exact(model, tolerance=tolerance, form="positions")
+    # the check can fail: the same row with positions that never restart lets examples see
+    # the ones before them
+    row = PackedCollator(form="positions").pack(_examples())
+    row["position_ids"] = torch.arange(row["input_ids"].shape[1])[None]
+    with torch.no_grad():
+        leaked = model(**row).loss
+        own = model(**PackedCollator(form="positions").pack(_examples())).loss
+    assert abs(float(leaked) - float(own)) > tolerance * abs(float(own))
 
 
 @pytest.mark.parametrize(
@@ -80,6 +133,9 @@ def test_bf16_autocast_on_cpu_trains_close_to_float32_and_says_so(
     got = result(out)
     assert got["paths"]["precision"] == "bf16" and not got["paths"]["cpu_kernels"]
     assert got["product_dtype"] == "float32" and not got["fused_mlp"]
+    # off our CPU functions, packing runs through transformers' padding-free rows
+    assert got["packed"] and got["paths"]["packed_rows"] == "positions"
+    assert not got["segment_attention"]
     base, trained = float32_run["metrics"], got["metrics"]
     # bfloat16 keeps 8 bits of mantissa: losses agree to about 1 %, not to float32's digits
     assert trained["base_eval_loss"] == pytest.approx(base["base_eval_loss"], rel=0.01)

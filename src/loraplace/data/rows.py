@@ -201,8 +201,19 @@ class PackedCollator:
 
     max_tokens: int | None = None
     segments: bool = False  # also pass the example boundaries, for segment attention
+    # How a row tells its examples apart: "mask", the block-diagonal mask above (the CPU path);
+    # "positions", transformers' padding-free rows (DataCollatorWithFlattening: positions restart,
+    # the model's attention derives the blocks from them); "varlen", those plus FlashAttention's
+    # varlen arguments (cu_seq_lens, max_length), for flash_attention_2.
+    form: str = "mask"
 
-    def pack(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+    def pack(self, batch: list[Example]) -> dict:
+        if self.form != "mask":
+            from transformers import DataCollatorWithFlattening
+
+            flatten = DataCollatorWithFlattening(return_flash_attn_kwargs=self.form == "varlen")
+            row = flatten([{"input_ids": e.input_ids, "labels": e.labels} for e in batch])
+            return row | {"use_cache": False}  # with a cache, the blocks are not derived
         ids = torch.tensor([t for e in batch for t in e.input_ids])
         labels = torch.tensor(
             [IGNORE if i == 0 else t for e in batch for i, t in enumerate(e.labels)]
@@ -250,11 +261,21 @@ def balanced_groups(lengths: list[int], capacity: int) -> list[list[int]]:
     return sorted((sorted(b) for b in bins if b), key=lambda b: b[0])
 
 
+def to_device(batch: dict, device: str) -> dict:
+    """A batch's tensors on `device` (FlashAttention's max_length stays a Python int)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def packing_is_exact(
-    model, device: str = "cpu", tolerance: float = 1e-4, segments: bool = False
+    model,
+    device: str = "cpu",
+    tolerance: float = 1e-4,
+    segments: bool = False,
+    form: str = "mask",
 ) -> bool:
-    """Check on this model that a packed row gives each example the loss it has alone.
+    """Check on this model that a packed row (of `form`, see PackedCollator) gives each example
+    the loss it has alone, to within `tolerance` of the summed loss.
 
     False, too, where the model cannot run the packed row: its forward takes no position_ids
     (or, with `segments`, no example boundaries), or refuses the row's block-diagonal mask."""
@@ -264,7 +285,7 @@ def packing_is_exact(
         Example(ids, ids)
         for ids in (torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (9, 14, 6))
     ]
-    packed = PackedCollator(segments=segments).pack(examples)
+    packed = PackedCollator(segments=segments, form=form).pack(examples)
     if not _forward_takes(model, packed):
         return False
     try:
@@ -289,7 +310,7 @@ def _forward_takes(model, inputs: dict) -> bool:
 
 def _summed_loss(model, batch: dict, device: str, targets: int) -> float:
     """The model's mean loss on `batch` times its number of target tokens."""
-    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+    loss = model(**to_device(batch, device)).loss
     if loss is None:
         raise ValueError(f"{type(model).__name__} computes no loss from labels")
     return float(loss) * targets

@@ -136,8 +136,17 @@ class Paths:
         products) assume float32 weights on the CPU; elsewhere the library's path runs."""
         return self.device == "cpu" and self.precision == "float32" and self.quantize == "none"
 
+    @property
+    def packed_rows(self) -> str:
+        """How packed rows mark their examples (data.rows.PackedCollator's `form`): our
+        block-diagonal mask where our CPU functions run, else transformers' padding-free rows,
+        with FlashAttention's varlen arguments under flash_attention_2."""
+        if self.cpu_kernels:
+            return "mask"
+        return "varlen" if self.attention == "flash_attention_2" else "positions"
+
     def to_dict(self) -> dict:
-        return asdict(self) | {"cpu_kernels": self.cpu_kernels}
+        return asdict(self) | {"cpu_kernels": self.cpu_kernels, "packed_rows": self.packed_rows}
 
     @staticmethod
     def from_dict(d: dict) -> Paths:

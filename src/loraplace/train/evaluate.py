@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplace.core.modes import evaluating
-from loraplace.data.rows import IGNORE, PackedCollator, balanced_groups
+from loraplace.data.rows import IGNORE, PackedCollator, balanced_groups, to_device
 from loraplace.fast.headloss import head_token_losses
 
 
@@ -61,7 +61,7 @@ def _packed_losses(model, examples, collate: PackedCollator, device: str, head: 
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     with evaluating(model):
         for group in balanced_groups(lengths, collate.max_tokens):
-            row = {k: v.to(device) for k, v in collate.pack([examples[i] for i in group]).items()}
+            row = to_device(collate.pack([examples[i] for i in group]), device)
             labels = row["labels"][0]
             if head:  # position t predicts token t + 1
                 losses = head_token_losses(model, row, onednn=head == "onednn")[0]
