@@ -121,3 +121,16 @@ def test_plan_reads_the_study_config_so_it_plans_what_study_runs(capsys, tmp_pat
     assert json.loads(out)["strategies"][0]["trainable_params"] == 2 * full["trainable_params"]
     code, _, err = run_cli(capsys, "plan", "--config", str(config), "--set", "rnak=4")
     assert code == 2 and "unknown config key 'rnak'" in err and "did you mean 'rank'" in err
+
+
+def test_a_layer_studys_long_names_keep_the_table_in_columns(capsys):
+    argv = ["plan", "--model", str(DIALOGPT), "--strategy", "full", "--layer-study", "attn,mlp"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(out) if line.startswith("strategy"))
+    rows = [line.split() for line in out[header + 1 :] if line.strip()][:12]
+    names = [r[0] for r in rows]
+    assert "attn+mlp-bottom-third" in names and "attn+mlp-block3of4" in names
+    layers = {r[0]: r[1] for r in rows}
+    assert layers["attn+mlp-bottom-third"] == "block:0/3" and layers["full"] == "all"
+    assert len({line.index("block:") for line in out if "-third " in line}) == 1  # one column

@@ -131,6 +131,9 @@ def render(
     roles_present = [r for r in ROLES if any(m.role == r for m in plan.modules)]
     other = [m.path for m in plan.modules if m.role == "other"]
     full = next((p.trainable_params for p in plan.placements if p.strategy.name == "full"), None)
+    # columns as wide as their longest entry (a layer study's names run to 30 characters)
+    w_name = max([18] + [len(p.strategy.name) + 2 for p in plan.placements])
+    w_layers = max([12] + [len(p.strategy.layers or "all") + 2 for p in plan.placements])
     lines = [
         f"model: {plan.model}",
         f"base parameters: {plan.base_params:,} (tied embeddings counted once); "
@@ -139,7 +142,7 @@ def render(
         memory_line(plan, precision, quantize),
         f"LoRA: r={rank} alpha={alpha:g} dropout={dropout:g} bias={bias}",
         "",
-        f"{'strategy':<18}{'layers':<12}{'modules':>8}{'trainable':>13}{'% base':>9}{'vs full':>9}  by role",
+        f"{'strategy':<{w_name}}{'layers':<{w_layers}}{'modules':>8}{'trainable':>13}{'% base':>9}{'vs full':>9}  by role",
     ]
     for p in plan.placements:
         layers = p.strategy.layers or "all"
@@ -150,7 +153,7 @@ def render(
             for r, n in p.trainable_by_role.items()
         )
         lines.append(
-            f"{p.strategy.name:<18}{layers:<12}{len(p.modules):>8}{p.trainable_params:>13,}"
+            f"{p.strategy.name:<{w_name}}{layers:<{w_layers}}{len(p.modules):>8}{p.trainable_params:>13,}"
             f"{100 * p.trainable_params / plan.base_params:>8.3f}%{reduction:>9}  {by_role}"
         )
     notes = seed_notes(plan)
