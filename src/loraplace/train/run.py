@@ -225,8 +225,8 @@ def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> 
     if wanted and not exact:
         notes.add("packing", "packed rows did not give each example its own loss on this model")
     segments = False
-    if packed and cfg.segment_attention and form != "mask":
-        notes.add("segment_attention", "a CPU function; the model's own attention runs the rows")
+    if form != "mask":  # a CPU function, off like the others there: the model's attention runs
+        pass
     elif packed and cfg.segment_attention and paths.get("attention", "sdpa") != "sdpa":
         notes.add("segment_attention", f"it replaces SDPA, and attention is {paths['attention']}")
     elif packed and cfg.segment_attention:
