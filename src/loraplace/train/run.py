@@ -224,12 +224,11 @@ def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> 
     packed = wanted and exact
     if wanted and not exact:
         notes.add("packing", "packed rows did not give each example its own loss on this model")
-    segments = False
-    if form != "mask":  # a CPU function, off like the others there: the model's attention runs
-        pass
-    elif packed and cfg.segment_attention and paths.get("attention", "sdpa") != "sdpa":
+    # segment attention is one of our CPU functions: with the library's rows it is off, as they are
+    segments, wants_segments = False, packed and cfg.segment_attention and form == "mask"
+    if wants_segments and paths.get("attention", "sdpa") != "sdpa":
         notes.add("segment_attention", f"it replaces SDPA, and attention is {paths['attention']}")
-    elif packed and cfg.segment_attention:
+    elif wants_segments:
         segments = use_segment_attention(model)
         if not segments:
             notes.add("segment_attention", "the model does not run SDPA attention")
@@ -246,7 +245,7 @@ def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> 
     eval_collate = Collator(tokenizer.pad_token_id)  # both paths: the same evaluation
     if eval_packed:  # no padding; rows of up to eval_batch_size x max_length tokens, as padded
         eval_collate = PackedCollator(cfg.eval_batch_size * cfg.max_length, segments, form)
-    return {"packed": packed, "segments": segments, "collate": collate, "form": form,
+    return {"packed": packed, "segments": segments, "collate": collate,
             "eval_packed": eval_packed, "eval_collate": eval_collate}  # fmt: skip
 
 
