@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from loraplace.core.modes import evaluating
-from loraplace.data.rows import IGNORE, Collator, Example
+from loraplace.data.rows import IGNORE, Collator, Example, to_device
 from loraplace.plan.roles import LinearModule
 
 
@@ -178,7 +178,7 @@ def _one_pass(
     try:
         with evaluating(model):
             for batch in _batches(examples, max_tokens):
-                inputs = {k: v.to(device) for k, v in collate(batch).items()}
+                inputs = to_device(collate(batch), device)
                 mask["real"] = inputs["attention_mask"].bool()
                 n_tokens += int(mask["real"].sum())
                 logits = model(

@@ -37,9 +37,7 @@ def example_losses(
     out: list[tuple[float, int]] = []
     with evaluating(model):
         for start in range(0, len(examples), batch_size):
-            batch = {
-                k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()
-            }
+            batch = to_device(collate(examples[start : start + batch_size]), device)
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
