@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ALPACA_HEAD
+from conftest import ALPACA_HEAD, tiny_model
 
 from loraplace.core.errors import UserError
 from loraplace.fast import hardware
@@ -212,3 +212,20 @@ def test_a_path_that_fails_its_check_falls_back_and_says_so(
     assert result["packed"] is False and result["packed_eval"] is False
     assert {n["switch"] for n in result["fallbacks"]} >= {"packing", "pack_eval"}
     assert "note: packing is off for this run" in capsys.readouterr().out
+
+
+def test_a_remembered_check_is_asked_again_for_the_same_model_in_another_dtype(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LORAPLACE_CACHE", str(tmp_path))
+    asked = []
+
+    def check(model, device):
+        asked.append(next(model.parameters()).dtype)
+        return next(model.parameters()).dtype == torch.float32
+
+    model = tiny_model("llama")
+    assert hardware.remembered_check("probe", model, "cpu", check)
+    assert hardware.remembered_check("probe", model, "cpu", check)  # from the cache
+    assert not hardware.remembered_check("probe", model.to(torch.bfloat16), "cpu", check)
+    assert asked == [torch.float32, torch.bfloat16]

@@ -406,8 +406,9 @@ def products_for(
 
 def remembered_check(name: str, model, device: str, check, *args) -> bool:
     """`check(model, device, *args)`, answered from the cache where this architecture (its
-    config, not its weights) was checked before with the same arguments on this machine and
-    the same library versions; the start-of-run exactness checks cost a few forward passes."""
+    config and its weights' dtypes, not their values) was checked before with the same
+    arguments on this machine and the same library versions; the start-of-run exactness checks
+    cost a few forward passes."""
     import sys
 
     import torch
@@ -418,8 +419,10 @@ def remembered_check(name: str, model, device: str, check, *args) -> bool:
 
     code = Path(sys.modules[check.__module__].__file__).read_bytes()  # the check's own code
     attention = getattr(model.config, "_attn_implementation", None)
+    # packing is checked on the weights as they train: bf16 and fp16 runs get their own answer
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
     key = json.dumps(
-        [name, type(model).__name__, model.config.to_json_string(), attention, device,
+        [name, type(model).__name__, model.config.to_json_string(), attention, dtypes, device,
          repr(args), torch.__version__, transformers.__version__, __version__,
          hashlib.sha256(code).hexdigest(), Machine.here().describe()],
     )  # fmt: skip
