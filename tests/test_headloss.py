@@ -13,6 +13,7 @@ from loraplace.fast.headloss import (
     head_is_frozen,
     head_loss,
     head_loss_matches,
+    head_token_losses,
 )
 from loraplace.fast.kernels import onednn_available
 
@@ -63,6 +64,30 @@ def test_model_gradients_equal_the_models_own_loss():
     assert ours.item() == pytest.approx(own.item(), rel=1e-5)
     for a, b in zip(ours_grads, own_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_token_losses_are_the_models_and_skip_positions_without_a_target(monkeypatch):
+    import loraplace.fast.headloss as headloss
+
+    model = tiny_model("llama").requires_grad_(False)
+    n = ROWS + 40  # two blocks of the head, were every position counted
+    ids = torch.randint(3, 100, (1, n), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[0, : ROWS - 20] = IGNORE  # a long prompt, masked as with loss_on response
+    head_rows = []
+    real_linear = headloss.linear
+    monkeypatch.setattr(
+        headloss, "linear", lambda x, *a, **k: head_rows.append(len(x)) or real_linear(x, *a, **k)
+    )
+
+    ours = head_token_losses(model, {"input_ids": ids, "labels": labels})[0]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    theirs = F.cross_entropy(logits[:-1], labels[0, 1:], ignore_index=IGNORE, reduction="none")
+
+    torch.testing.assert_close(ours[:-1], theirs, rtol=1e-5, atol=1e-6)
+    assert ours[-1] == 0
+    assert sum(head_rows) == int((labels[0, 1:] != IGNORE).sum()) == 60
 
 
 def test_refused_where_the_model_scales_its_logits_or_trains_its_head():

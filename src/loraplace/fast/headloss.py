@@ -96,16 +96,17 @@ def head_loss(model, inputs: dict, onednn: bool = False) -> torch.Tensor:
 def head_token_losses(model, inputs: dict, onednn: bool = False) -> torch.Tensor:
     """Each position's cross-entropy against the next token (0 where none is counted), shaped
     like the labels: what the model's logits give, `ROWS` tokens at a time. For evaluation:
-    1,024 tokens of SmolLM2 make 201 MB of logits, and as much again for their log-softmax."""
+    1,024 tokens of SmolLM2 make 201 MB of logits, and as much again for their log-softmax.
+    Only positions with a target go through the head (with `loss_on` response, the prompts'
+    do not)."""
     body, head = _parts(model)
     hidden, targets = _hidden_and_targets(body, inputs)
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
-    for start in range(0, len(targets), ROWS):
-        logits = linear(hidden[start : start + ROWS], head.weight, head.bias, directions(onednn)[0])
-        logits = logits.float()
-        losses[start : start + ROWS] = F.cross_entropy(
-            logits, targets[start : start + ROWS], ignore_index=IGNORE, reduction="none"
-        )
+    counted = (targets != IGNORE).nonzero().squeeze(1)
+    for start in range(0, len(counted), ROWS):
+        rows = counted[start : start + ROWS]
+        logits = linear(hidden[rows], head.weight, head.bias, directions(onednn)[0]).float()
+        losses[rows] = F.cross_entropy(logits, targets[rows], reduction="none")
     return losses.view(inputs["labels"].shape)
 
 
