@@ -52,7 +52,15 @@ def test_bench_runs_both_paths_side_by_side(tiny_gpt2_dir, tmp_path, capsys):
         assert 0 < row["loraplace_mfu_pct"] and 0 < row["plain_mfu_pct"]
         assert abs(row["eval_loss_diff_pct"]) < 2  # same study, same evaluation code
     assert report["peak_gflops"] > 0 and report["total"]["speedup"] > 0
-    assert "| total |" in (out / "bench.md").read_text()
+    table = (out / "bench.md").read_text()
+    assert "| total |" in table
+    for row in report["rows"]:  # the fixed cost of each run, part by part
+        line = next(
+            x for x in table.splitlines() if x.startswith(f"| {row['strategy']} | loraplace |")
+        )
+        assert line.endswith(f"| {row['loraplace_outside_train_s']:.2f} |")
+        assert row["loraplace_phases_s"]["epoch_evals"] > 0
+    assert "epoch evaluations" in table and "| other |" in table
     assert (out / "plain/runs/full/seed-42/result.json").is_file()
     plain = json.loads((out / "plain/runs/full/seed-42/result.json").read_text())
     assert plain["config"]["pad_to"] == "max_length" and plain["packed"] is False

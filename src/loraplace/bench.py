@@ -118,7 +118,32 @@ def render(report: dict) -> str:
         )
     if report.get("paths"):
         head += f" loraplace's {report['paths']}."
-    return head + "\n\n" + "\n".join(lines) + "\n"
+    return head + "\n\n" + "\n".join(lines) + "\n\n" + render_fixed_costs(report["rows"])
+
+
+# A run's parts outside training, as the run times them (train/run.py, `phases_s`).
+PHASES = {"load": "load", "checks": "checks", "base_eval": "base evaluation", "attach": "attach",
+          "epoch_evals": "epoch evaluations", "generations": "generations", "save": "save"}  # fmt: skip
+
+
+def render_fixed_costs(rows: list[dict]) -> str:
+    """Where each run's time outside training went, in seconds: the phases the run timed, and
+    the rest of its wall time as `other` (starting processes, the study's own setup)."""
+    found = [k for k in PHASES if any(k in (r.get(f"{t}_phases_s") or {}) for r in rows
+                                      for t in ("plain", "loraplace"))]  # fmt: skip
+    cols = ["strategy", "path"] + [PHASES[k] for k in found] + ["other", "outside training"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        for tag in ("plain", "loraplace"):
+            outside, phases = row.get(f"{tag}_outside_train_s"), row.get(f"{tag}_phases_s") or {}
+            if outside is None:
+                continue
+            timed = [phases.get(k, 0.0) for k in found]
+            cells = [row["strategy"], tag] + [
+                f"{v:.2f}" for v in (*timed, outside - sum(timed), outside)
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "Time outside training, per run (s):\n\n" + "\n".join(lines) + "\n"
 
 
 def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
