@@ -96,13 +96,12 @@ def render(report: dict) -> str:
             ("loraplace_mfu_pct", "loraplace MFU %"), ("plain_peak_memory_mb", "plain peak MB"), ("loraplace_peak_memory_mb", "loraplace peak MB"),
             ("plain_eval_loss", "plain eval loss"), ("loraplace_eval_loss", "loraplace eval loss"), ("eval_loss_diff_pct", "eval loss diff %"),
             ("plain_outside_train_s", "plain outside training s"), ("loraplace_outside_train_s", "loraplace outside training s")]  # fmt: skip
-    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
-    for row in report["rows"] + [report["total"]]:
-        cells = []
-        for key, _ in cols:
-            v = row.get(key)
-            cells.append("–" if v is None else f"{v:,.2f}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
+    cells = [
+        ["–" if v is None else f"{v:,.2f}" if isinstance(v, float) else str(v)
+         for v in (row.get(key) for key, _ in cols)]
+        for row in report["rows"] + [report["total"]]
+    ]  # fmt: skip
+    table = _md_table(cells, [h for _, h in cols])
     head = (
         f"Machine: {report['machine']}; float32 matmul peak measured at {report['peak_gflops']:.0f} GFLOP/s "
         f"(best of {', '.join(f'{k} {v:.0f}' for k, v in report.get('peak_gflops_by_library', {}).items())}). "
@@ -118,7 +117,17 @@ def render(report: dict) -> str:
         )
     if report.get("paths"):
         head += f" loraplace's {report['paths']}."
-    return head + "\n\n" + "\n".join(lines) + "\n\n" + render_fixed_costs(report["rows"])
+    return head + "\n\n" + table + "\n\n" + render_fixed_costs(report["rows"])
+
+
+def _md_table(cells: list[list[str]], columns: list[str]) -> str:
+    """The report's markdown table of already formatted cells. Imported here, not at the top:
+    `make bench-gpu` imports this module in a bare GPU python (the report needs matplotlib)."""
+    import pandas as pd
+
+    from loraplace.analysis.report import md_table
+
+    return md_table(pd.DataFrame(cells, columns=columns))
 
 
 # A run's parts outside training, as the run times them (train/run.py, `phases_s`).
@@ -132,18 +141,18 @@ def render_fixed_costs(rows: list[dict]) -> str:
     found = [k for k in PHASES if any(k in (r.get(f"{t}_phases_s") or {}) for r in rows
                                       for t in ("plain", "loraplace"))]  # fmt: skip
     cols = ["strategy", "path"] + [PHASES[k] for k in found] + ["other", "outside training"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cells = []
     for row in rows:
         for tag in ("plain", "loraplace"):
             outside, phases = row.get(f"{tag}_outside_train_s"), row.get(f"{tag}_phases_s") or {}
             if outside is None:
                 continue
             timed = [phases.get(k, 0.0) for k in found]
-            cells = [row["strategy"], tag] + [
+            cells.append([row["strategy"], tag] + [
                 f"{v:.2f}" for v in (*timed, outside - sum(timed), outside)
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "Time outside training, per run (s):\n\n" + "\n".join(lines) + "\n"
+            ])  # fmt: skip
+    table = _md_table(cells, cols)
+    return "Time outside training, per run (s):\n\n" + table + "\n"
 
 
 def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
