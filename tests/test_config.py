@@ -324,8 +324,8 @@ def test_plain_turns_every_fast_path_off_and_nothing_else():
     cfg = StudyConfig(rank=8, packing=True)
     plain = cfg.plain()
     assert all(getattr(plain, p.key) == p.plain for p in FAST_PATHS)
-    # the defaults are fast, but one run at a time: on a CPU one run uses every core
-    assert {p.key for p in FAST_PATHS if getattr(cfg, p.key) == p.plain} == {"runs_per_device"}
+    # every default is a fast path (runs at once: decided per machine and study, runner.local_plan)
+    assert {p.key for p in FAST_PATHS if getattr(cfg, p.key) == p.plain} == set()
     assert plain.rank == 8 and plain.to_dict().keys() == cfg.to_dict().keys()
 
 

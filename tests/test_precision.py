@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 
 import pytest
@@ -180,6 +181,24 @@ def test_two_runs_at_once_give_what_they_give_one_by_one(capsys, tiny_gpt2_dir, 
     lines = stdout.splitlines()
     first_end = next(i for i, line in enumerate(lines) if re.match(r"\s+\w+ seed \d+: ok", line))
     assert sum(line.startswith("run ") for line in lines[:first_end]) == 2, stdout
+    servers = {result(at_once, s)["parent_process"] for s in ("full", "attention")}
+    assert len(servers) == 2 and os.getpid() not in servers  # each forked by a server of its own
+
+
+@pytest.mark.slow
+def test_a_cpu_study_of_two_runs_runs_them_at_once_with_half_the_cores_each(
+    capsys, tiny_gpt2_dir, tmp_path, monkeypatch
+):
+    from loraplace import runner
+
+    monkeypatch.setattr(runner, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(runner, "available_mb", lambda: 64 * 1024.0)
+    out = tmp_path / "out"
+    code, stdout, _ = study(capsys, tiny_gpt2_dir, out, "--strategy", "full", "--strategy", "ffn")
+    assert code == 0 and "2 at a time on this device, each its own process, 1 thread each" in stdout
+    for s in ("full", "ffn"):
+        got = result(out, s)
+        assert (got["threads"], got["runs_at_once"]) == (1, 2)
 
 
 def test_plan_states_the_base_memory_in_the_chosen_precision_and_bits(capsys):

@@ -205,7 +205,7 @@ def test_a_failed_run_leaves_the_server_serving(capsys, tiny_gpt2_dir, tmp_path)
     broken = tmp_path / "spec.json"
     broken.write_text("{not json")  # its run dies before it can write a result
     assert server.run_spec(broken, dict(os.environ), reuse_process=True) != 0
-    pid = server._worker.proc.pid
+    pid = server._idle[-1].proc.pid
     code, stdout, _ = study(
         capsys, tiny_gpt2_dir, tmp_path / "out", "--strategy", "full", "--set", "reuse_process=true"
     )
@@ -220,8 +220,8 @@ def test_a_dead_server_is_replaced(capsys, tiny_gpt2_dir, tmp_path):
     broken = tmp_path / "spec.json"
     broken.write_text("{not json")
     server.run_spec(broken, dict(os.environ), reuse_process=True)
-    server._worker.proc.kill()
-    server._worker.proc.wait()
+    server._idle[-1].proc.kill()
+    server._idle[-1].proc.wait()
     code, stdout, _ = study(
         capsys, tiny_gpt2_dir, tmp_path / "out", "--strategy", "full", "--set", "reuse_process=true"
     )

@@ -78,7 +78,10 @@ class StudyConfig:
     quantize: str = "none"  # none | 4bit (NF4, double quantization, as QLoRA) | 8bit: bitsandbytes
     attention: str = "auto"  # auto (flash_attention_2 on CUDA where installed, else sdpa) | sdpa | eager | flash_attention_2
     liger_kernel: bool = False  # CUDA: Liger Kernel's fused functions through the Trainer
-    runs_per_device: str = "1"  # runs at once on the device, each its own process; auto: from the first run's peak memory
+    # runs at once on the device, each its own process. None: on a CPU, two with half the cores
+    # each where that ends the study sooner (runner.cpu_runs_at_once), else one; auto: that on
+    # a CPU, and on a GPU as many as fit beside the first run's peak memory
+    runs_per_device: str | None = None
     threads: int | None = None
     eval_batch_size: int = 4
     pack_eval: bool = True  # evaluate packed rows, no padding (checked exact; both bench paths)
@@ -287,8 +290,8 @@ def _validate(cfg: StudyConfig) -> None:
         )
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
         raise UserError("dropout and warmup_ratio must be in [0, 1)")
-    if cfg.runs_per_device != "auto" and not (
-        cfg.runs_per_device.isdigit() and int(cfg.runs_per_device) >= 1
+    if cfg.runs_per_device not in (None, "auto") and not (
+        str(cfg.runs_per_device).isdigit() and int(cfg.runs_per_device) >= 1
     ):
         raise UserError(
             f"config key 'runs_per_device' must be a positive whole number or auto, got {cfg.runs_per_device!r}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,8 @@ class Prepared:
     paths: dict | None  # None: resolved by each cluster node (executor ray)
     products: dict
     plans: dict[str, dict]  # strategy name -> its placement: module path -> rank, and the count
+    shapes: tuple = ((), None)  # (decoder product shapes, head shape): for `measure_products`
+    base_mb: float = 0.0  # the base's float32 weights
 
 
 def prepare(cfg: StudyConfig) -> Prepared:
@@ -79,9 +82,12 @@ def prepare(cfg: StudyConfig) -> Prepared:
     plans = {s.name: plan_record(place(modules, s, cfg.rank, cfg.bias)) for s in strategies}
     for split in (cfg.train_split, cfg.eval_split):
         load_rows(cfg.data, split)
+    shapes = _shapes(modules, meta)
+    base_mb = sum(p.numel() for p in meta.parameters()) * 4 / 2**20
     if paths is None:
-        return Prepared(strategies, None, {}, plans)
-    return Prepared(strategies, paths.to_dict(), _products(cfg, paths, modules, meta), plans)
+        return Prepared(strategies, None, {}, plans, shapes, base_mb)
+    products = measure_products(cfg, paths, shapes, cfg.threads)
+    return Prepared(strategies, paths.to_dict(), products, plans, shapes, base_mb)
 
 
 def plan_record(placement) -> dict:
@@ -89,18 +95,24 @@ def plan_record(placement) -> dict:
     return {"ranks": placement.ranks, "trainable_params": placement.trainable_params}
 
 
-def _products(cfg: StudyConfig, paths, modules, meta) -> dict:
-    """Measure (or read from the cache) which library runs each product shape faster here."""
+def _shapes(modules, meta) -> tuple:
+    """(the decoder's product shapes, the head's or None): what `measure_products` times."""
     from torch import nn
 
-    from loraplace.fast.hardware import products_for
+    head = meta.get_output_embeddings()
+    head_shape = tuple(head.weight.shape) if isinstance(head, nn.Linear) else None
+    return [(m.out_features, m.in_features) for m in modules if m.layer is not None], head_shape
+
+
+def measure_products(cfg: StudyConfig, paths, shapes: tuple, threads: int | None) -> dict:
+    """Measure (or read from the cache) which library runs each product shape faster here,
+    with `threads` (None: all of torch's)."""
+    from loraplace.fast.hardware import Paths, products_for
     from loraplace.fast.headloss import ROWS
     from loraplace.train.run import pack_rows
 
-    shapes = [(m.out_features, m.in_features) for m in modules if m.layer is not None]
-    head = meta.get_output_embeddings()
-    head_shape = tuple(head.weight.shape) if isinstance(head, nn.Linear) else None
-    return products_for(paths, shapes, head_shape, pack_rows(cfg), ROWS, cfg.threads)
+    paths = paths if isinstance(paths, Paths) else Paths.from_dict(paths)
+    return products_for(paths, *shapes, pack_rows(cfg), ROWS, threads)
 
 
 def check_writable(out: Path) -> None:
@@ -190,38 +202,111 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     log(
         f"study: {len(jobs)} runs ({len(strategies)} strategies x {len(cfg.seeds)} seeds), {len(jobs) - len(todo)} already done"
     )
+    at_once, threads = local_plan(cfg, len(todo), prepared) if cfg.executor != "ray" else (1, None)
+    if threads:  # each run takes a share of the cores: the products are timed with that share
+        if prepared.paths:
+            prepared.products = measure_products(cfg, prepared.paths, prepared.shapes, threads)
+        for spec in todo:
+            spec |= {"products": prepared.products, "threads": threads, "runs_at_once": at_once}
     if prepared.paths:
         log(describe_paths(prepared.paths, prepared.products))
     for line in idle_fast_paths(cfg):
         log(f"note: {line}")
-    execute(todo, cfg, out, log)
+    if at_once and at_once > 1 and server.uses_worker(cfg.reuse_process):
+        server.start_worker(at_once)
+    execute(todo, cfg, out, log, at_once)
     wanted = {(s.name, seed) for s, seed in jobs}
     return [r for r in load_results(out) if (r["strategy"], r["seed"]) in wanted]
 
 
-def execute(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[dict]:
+def execute(
+    todo: list[dict], cfg: StudyConfig, out: Path, log=print, at_once: int | None = 1
+) -> list[dict]:
     """Run the specs in `todo` with the config's executor; their results, each also written
     to its run folder under OUT."""
     if cfg.executor == "ray" and todo:  # nothing to do: no cluster to join
         from loraplace.cluster import run_on_ray
 
         return run_on_ray(todo, cfg, out, log)
-    return run_local(todo, cfg, out, log)
+    return run_local(todo, cfg, out, log, at_once)
 
 
-def run_local(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[dict]:
-    """Run the specs on this machine, each in a process of its own: one after another, or
-    `runs_per_device` at a time (auto: as many as fit beside the first run's peak memory)."""
+# How many times longer a CPU run with half the cores takes, beside another such run, than a
+# run with all of them: 1.50-1.55 natively on an AVX-512 Xeon, 1.67-1.72 there with AVX2
+# emulated (embedded model, 1-epoch runs, 2 cores; docs/performance.md, `runs_per_device`).
+# The larger is used. Under 2, two runs at once end a study of several runs sooner.
+THREADS_GAIN = 1.7
+
+
+def cpu_runs_at_once(
+    runs: int, cores: int, free_mb: float | None, run_mb: float, gain: float = THREADS_GAIN
+) -> int:
+    """How many runs a CPU study runs at once: two, each with half the cores, where that ends
+    the study at least 5 % sooner (rounds of two, each `gain` times as long as one run with
+    every core) and memory holds both; else one. An odd last run keeps half the cores, so
+    that every run of the study is timed alike."""
+    if runs < 2 or cores < 2 or free_mb is None or free_mb < 2 * run_mb:
+        return 1
+    return 2 if -(-runs // 2) * gain <= 0.95 * runs else 1
+
+
+def run_memory_mb(base_mb: float) -> float:
+    """A bound on a CPU run's peak memory from its base's float32 weights: three times them
+    and 1 GB (runs of the embedded model, 520 MB of weights, peak at 1.7-2.2 GB)."""
+    return 3 * base_mb + 1024
+
+
+def available_mb() -> float | None:
+    """Memory the OS can give without swapping (Linux's MemAvailable); None where unknown."""
+    try:
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    except OSError:
+        return None
+    return int(found.group(1)) / 1024 if found else None
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def local_plan(cfg: StudyConfig, runs: int, prepared: Prepared) -> tuple[int | None, int | None]:
+    """(runs at once, threads each; None: torch's own) on this machine: `runs_per_device` as
+    set; unset, `cpu_runs_at_once` on a CPU where `threads` is not set, else one. None runs
+    at once is a GPU's `auto`: decided after its first run (`run_local`)."""
+    setting, device = cfg.runs_per_device, (prepared.paths or {}).get("device", "cpu")
+    if setting not in (None, "auto"):
+        at_once = int(setting)
+    elif device != "cpu":
+        return (None if setting == "auto" else 1), None
+    elif cfg.threads:
+        at_once = 1
+    else:
+        free, need = available_mb(), run_memory_mb(prepared.base_mb)
+        at_once = cpu_runs_at_once(runs, cpu_cores(), free, need)
+    threads = max(1, cpu_cores() // at_once) if at_once > 1 and not cfg.threads else None
+    return at_once, threads
+
+
+def run_local(
+    todo: list[dict], cfg: StudyConfig, out: Path, log=print, at_once: int | None = 1
+) -> list[dict]:
+    """Run the specs on this machine, each in a process of its own: `at_once` at a time
+    (None: the first alone, then as many as fit beside its peak memory)."""
     progress = _Progress(len(todo), log)
-    at_once = int(cfg.runs_per_device) if cfg.runs_per_device != "auto" else 1
     results = []
-    if cfg.runs_per_device == "auto" and todo:
+    if at_once is None and todo:
         results.append(_run_one(todo[0], cfg, out, 1, progress))
         at_once = runs_that_fit(results[0], cfg)
         todo = todo[1:]
+    at_once = at_once or 1
     if at_once <= 1:
         return results + [_run_one(spec, cfg, out, 1, progress) for spec in todo]
-    log(f"runs: {at_once} at a time on this device, each its own process")
+    threads = todo[0].get("threads") if todo else None
+    each = f", {threads} thread{'s' if threads != 1 else ''} each" if threads else ""
+    log(f"runs: {at_once} at a time on this device, each its own process{each}")
     with ThreadPoolExecutor(at_once) as pool:
         return results + list(pool.map(lambda s: _run_one(s, cfg, out, at_once, progress), todo))
 
@@ -274,11 +359,10 @@ def _run_one(spec: dict, cfg: StudyConfig, out: Path, at_once: int, progress) ->
     write_json(folder / "spec.json", spec)
     env = _env(cfg, out, f"{name}-seed-{seed}")
     if at_once > 1 and not cfg.threads:  # the cores shared out, not each run taking them all
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // at_once))
+        env["OMP_NUM_THREADS"] = str(spec.get("threads") or max(1, cpu_cores() // at_once))
     t0 = time.perf_counter()
     try:
-        reuse = cfg.reuse_process and at_once == 1  # the fork server runs one at a time
-        code = server.run_spec(folder / "spec.json", env, reuse)
+        code = server.run_spec(folder / "spec.json", env, cfg.reuse_process)
     except KeyboardInterrupt:  # Ctrl-C: stop the run (it dies with its server), record nothing
         server.close_worker(timeout=0)
         raise

@@ -398,8 +398,9 @@ def _start(spec: dict) -> Run:
     if "lr" in injected:
         cfg = dataclasses.replace(cfg, lr=float(injected["lr"]))
     run = Run(spec, cfg, strategy, seed, Path(spec["run_dir"]), injected, run_paths(spec, cfg))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or spec.get("threads")  # the study's share of the cores, if any
+    if threads:
+        torch.set_num_threads(threads)
     run.released = cfg.release_memory and release_freed_memory()
     seed_everything(seed)
     return run
@@ -570,6 +571,8 @@ def _paths_taken(run: Run, products: dict, batching: dict, taken: dict, eval_hea
         "packed_eval": batching["eval_packed"],
         "eval_head": eval_head,
         "release_memory": run.released,
+        "threads": torch.get_num_threads(),
+        "runs_at_once": run.spec.get("runs_at_once", 1),
     }
 
 

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from loraplace.core.results import die_with_parent, peak_memory_restartable, restart_peak_memory
@@ -69,14 +70,20 @@ class Worker:
             return self.proc.wait()
 
 
-_worker: Worker | None = None
+# Every live server, and those waiting for a run: a study running N runs at once keeps N.
+_workers: list[Worker] = []
+_idle: list[Worker] = []
+_lock = threading.RLock()
 
 
 def close_worker(timeout: float | None = 30) -> None:
-    global _worker
-    if _worker is not None:
-        _worker.close(timeout)
-        _worker = None
+    """Close every server, idle or running a run."""
+    with _lock:
+        workers = list(_workers)
+        _workers.clear()
+        _idle.clear()
+    for worker in workers:
+        worker.close(timeout)
 
 
 atexit.register(close_worker)
@@ -86,25 +93,43 @@ def uses_worker(reuse_process: bool) -> bool:
     return reuse_process and peak_memory_restartable()  # else every run gets its own peak
 
 
-def start_worker() -> Worker:
-    global _worker
-    if _worker is None or _worker.proc.poll() is not None:
-        close_worker()
-        _worker = Worker()
-    return _worker
+def start_worker(count: int = 1) -> Worker:
+    """A live idle server, and `count` of them waiting in all, started now where missing (the
+    study starts them early, so that their imports overlap its checks or the first runs)."""
+    with _lock:
+        for worker in [w for w in _idle if w.proc.poll() is not None]:
+            _idle.remove(worker)
+            _workers.remove(worker)
+            worker.close(0)
+        while len(_idle) < count:
+            _idle.append(Worker())
+            _workers.append(_idle[-1])
+        return _idle[-1]
+
+
+def _take() -> Worker:
+    with _lock:
+        worker = start_worker()
+        _idle.remove(worker)
+        return worker
 
 
 def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
-    """Run one spec outside this process; its exit status (a dead worker's own status)."""
-    global _worker
+    """Run one spec outside this process; its exit status (a dead worker's own status).
+    Runs may be given from several threads at once: each gets a server of its own."""
     if not uses_worker(reuse_process):
         cmd = [sys.executable, "-m", "loraplace.train.run", str(spec_path)]
         return subprocess.run(cmd, env=env).returncode
-    code = start_worker().run(spec_path, env)
-    if code is None:
-        worker, _worker = _worker, None
-        return worker.close()
-    return code
+    worker = _take()
+    code = worker.run(spec_path, env)
+    with _lock:
+        if code is not None:
+            if worker in _workers:  # not closed meanwhile
+                _idle.append(worker)
+            return code
+        if worker in _workers:
+            _workers.remove(worker)
+    return worker.close()
 
 
 # --- the server ------------------------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""How many runs a study runs at once on a CPU, and how many threads each run gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplace import runner
+from loraplace.config import StudyConfig
+from loraplace.runner import Prepared, cpu_runs_at_once, local_plan
+
+GB = 1024
+
+
+@pytest.mark.parametrize(
+    "runs, at_once", [(1, 1), (2, 2), (3, 1), (4, 2), (5, 1), (6, 2), (7, 1), (9, 2), (30, 2)]
+)
+def test_two_runs_at_once_only_where_the_study_ends_sooner(runs, at_once):
+    # three runs in two rounds at half the cores take longer than three one by one; with more
+    # runs, an odd one out costs less
+    assert cpu_runs_at_once(runs, cores=2, free_mb=20 * GB, run_mb=3 * GB) == at_once
+
+
+def test_one_at_a_time_without_a_second_core_or_memory_for_two():
+    assert cpu_runs_at_once(4, cores=1, free_mb=20 * GB, run_mb=3 * GB) == 1
+    assert cpu_runs_at_once(4, cores=2, free_mb=5 * GB, run_mb=3 * GB) == 1
+    assert cpu_runs_at_once(4, cores=2, free_mb=None, run_mb=3 * GB) == 1  # memory unknown
+
+
+def test_the_choice_follows_what_more_threads_gain():
+    assert cpu_runs_at_once(4, 2, 20 * GB, 1, gain=2.0) == 1  # threads that scale perfectly
+    assert cpu_runs_at_once(3, 2, 20 * GB, 1, gain=1.2) == 2
+    assert cpu_runs_at_once(5, 2, 20 * GB, 1, gain=1.5) == 2  # threads that barely help
+
+
+def prepared(device: str = "cpu", base_mb: float = 500.0) -> Prepared:
+    return Prepared([], {"device": device}, {}, {}, ((), None), base_mb)
+
+
+def test_the_plan_on_a_cpu_a_gpu_and_as_set(monkeypatch):
+    monkeypatch.setattr(runner, "cpu_cores", lambda: 4)
+    monkeypatch.setattr(runner, "available_mb", lambda: 20 * GB)
+    cfg = StudyConfig()
+    assert local_plan(cfg, 4, prepared()) == (2, 2)  # unset, on a CPU: two, half the cores each
+    assert local_plan(cfg, 3, prepared()) == (1, None)
+    assert local_plan(StudyConfig(runs_per_device="auto"), 4, prepared()) == (2, 2)
+    assert local_plan(StudyConfig(threads=1), 4, prepared()) == (1, None)  # the user's threads
+    assert local_plan(StudyConfig(runs_per_device="1"), 4, prepared()) == (1, None)
+    assert local_plan(StudyConfig(runs_per_device="3"), 4, prepared()) == (3, 1)
+    assert local_plan(cfg, 4, prepared("cuda")) == (1, None)  # a GPU: one at a time, unless auto
+    assert local_plan(StudyConfig(runs_per_device="auto"), 4, prepared("cuda")) == (None, None)
+    monkeypatch.setattr(runner, "available_mb", lambda: 4 * GB)  # 2 x (3 x 500 + 1,024) MB needed
+    assert local_plan(cfg, 4, prepared()) == (1, None)
