@@ -321,6 +321,22 @@ def test_base_model_is_evaluated_once_per_study(tiny_gpt2_dir, tmp_path):
     assert other["metrics"]["base_eval_loss"] != first["metrics"]["base_eval_loss"]
 
 
+def test_the_untrained_models_generations_are_made_once_per_study(tiny_gpt2_dir, tmp_path):
+    base = tmp_path / "base.json"
+    spec = _spec(tiny_gpt2_dir, tmp_path, epochs=1, generations=2, max_new_tokens=4)
+    first = train_run(spec | {"base_eval": str(base)})
+    stored = tmp_path / "base_generations.json"
+    made = json.loads(stored.read_text())
+    assert made["generations"] == [g["base"] for g in first["generations"]]
+    made["generations"] = ["stored 1", "stored 2"]  # what a later run must take, not remake
+    stored.write_text(json.dumps(made))
+    second = train_run(spec | {"base_eval": str(base), "strategy": to_dict(BUILTINS["attention"])})
+    assert [g["base"] for g in second["generations"]] == ["stored 1", "stored 2"]
+    longer = _spec(tiny_gpt2_dir, tmp_path, epochs=1, generations=2, max_new_tokens=6)
+    third = train_run(longer | {"base_eval": str(base)})  # other settings: made again
+    assert [g["base"] for g in third["generations"]] != ["stored 1", "stored 2"]
+
+
 def test_a_run_attaches_the_plan_the_study_made_and_refuses_a_model_that_places_otherwise():
     from conftest import tiny_model
 

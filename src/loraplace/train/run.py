@@ -124,15 +124,36 @@ def base_evaluation(
             "head": head,
         }
     )
+    return [tuple(x) for x in _once_per_study(Path(path), key, "per_example", evaluate)]
+
+
+def _once_per_study(path: Path, key: dict, field: str, compute):
+    """compute(), or what a run of the study before this one stored at `path` under the same
+    `key` (a file with another key, or none, is computed again and replaced)."""
     try:
-        cached = json.loads(Path(path).read_text())
+        cached = json.loads(path.read_text())
         if cached.get("key") == key:
-            return [tuple(x) for x in cached["per_example"]]
+            return cached[field]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    per_example = evaluate()
-    write_json(Path(path), {"key": key, "per_example": per_example})
-    return per_example
+    value = compute()
+    write_json(path, {"key": key, field: value})
+    return value
+
+
+def base_generations(spec: dict, cfg: StudyConfig, paths: dict, prompts: list[str], generate):
+    """The untrained model's greedy continuations of the prompts: made once per study and
+    shared by its runs when `reuse_base_eval` (the same base, prompts and settings)."""
+    path = spec.get("base_eval")
+    if not cfg.reuse_base_eval or not path or not prompts:
+        return generate()
+    numbers = {k: paths.get(k) for k in ("precision", "quantize", "attention") if k in paths}
+    key = {k: getattr(cfg, k) for k in ("model", "trust_remote_code", "max_new_tokens",
+                                        "max_length")} | numbers | {
+        "device": paths["device"], "prompts": prompts}  # fmt: skip
+    return _once_per_study(
+        Path(path).with_name(Path(path).stem + "_generations.json"), key, "generations", generate
+    )
 
 
 class Notes(list):
@@ -324,8 +345,12 @@ def train_run(spec: dict) -> dict:
     with run.phases("attach"):
         model, taken = _adapt(run, model, placement, products, batching["packed"], head)
     prompts = [prompt(r) for r in rows["eval"][: cfg.generations]]
-    with model.disable_adapter():
-        base_generations = _generations(run, model, tokenizer, prompts)
+
+    def untrained() -> list[str]:
+        with model.disable_adapter():
+            return _generations(run, model, tokenizer, prompts)
+
+    base_texts = base_generations(spec, cfg, run.paths, prompts, untrained)
     trainer, resume, curves = _trainer(run, model, sets["train"], batching, taken, evaluate)
     train_time_s = _train(run, trainer, resume)
     per_example = curves.pop("last_eval") or evaluate()
@@ -358,7 +383,7 @@ def train_run(spec: dict) -> dict:
         "placement": _placement_record(placement),
         "generations": [
             {"prompt": p, "base": b, "adapted": g}
-            for p, b, g in zip(prompts, base_generations, generations, strict=True)
+            for p, b, g in zip(prompts, base_texts, generations, strict=True)
         ],
         "data": _data_record(cfg, rows, per_example),
         **_paths_taken(run, products, batching, taken, eval_head),
