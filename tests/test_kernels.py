@@ -263,3 +263,39 @@ def test_bf16_products_train_close_to_float32_and_evaluate_exactly():
     low.eval(), reference.eval()
     with torch.no_grad():
         assert torch.equal(low(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_without_gradients_the_same_outputs_and_no_autograd_functions(monkeypatch):
+    from loraplace.fast import kernels
+
+    _, model = _peft_pair("llama", lora_dropout=0.0)
+    accelerate(model)
+    model.eval()
+    ids = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(1))
+    with_graph = model(input_ids=ids).logits
+    calls = []
+    for cls in (kernels.LoraLinear, kernels.FrozenLinear):
+        real = cls.apply
+        monkeypatch.setattr(cls, "apply", lambda *a, real=real: calls.append(1) or real(*a))
+    with torch.no_grad():  # evaluation and generation
+        without = model(input_ids=ids).logits
+    assert with_graph.grad_fn is not None and torch.equal(with_graph, without)
+    assert calls == []
+
+
+@pytest.mark.skipif(not Machine.here().onednn, reason="torch here has no oneDNN")
+def test_products_of_a_few_rows_take_the_default_blas_where_onednn_was_chosen(monkeypatch):
+    from loraplace.fast.kernels import ONEDNN_MIN_ROWS, linear
+
+    real, rows_seen = torch.ops.mkldnn._linear_pointwise, []
+
+    def spy(x, *rest):
+        rows_seen.append(x.shape[0])
+        return real(x, *rest)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    weight = torch.randn(16, 8)
+    for rows in (1, ONEDNN_MIN_ROWS - 1, ONEDNN_MIN_ROWS, 64):  # decoding steps: a row or a few
+        x = torch.randn(rows, 8)
+        torch.testing.assert_close(linear(x, weight, None, onednn=True), x @ weight.t())
+    assert rows_seen == [ONEDNN_MIN_ROWS, 64]

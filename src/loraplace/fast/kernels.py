@@ -108,6 +108,13 @@ def keep_scale(p: float) -> float:
     return LANES / (LANES - drop_threshold(p))
 
 
+# Fewer rows than this go through the default BLAS even where oneDNN was chosen: a product of
+# 1-3 rows (a decoding step) took 2-5x as long through oneDNN as through MKL for SmolLM2's
+# shapes, 149-243 us against 74-103 us for 1536 x 576, at 8 rows both about 230 us, from 16
+# rows oneDNN was faster (docs/performance.md, "Measurements cited from code").
+ONEDNN_MIN_ROWS = 8
+
+
 def linear(x2: torch.Tensor, weight: torch.Tensor, bias=None, onednn: bool = False, low=None):
     """x2 @ weight.T + bias for a 2-D x2 and a weight of shape (out, in), any strides.
 
@@ -118,7 +125,12 @@ def linear(x2: torch.Tensor, weight: torch.Tensor, bias=None, onednn: bool = Fal
             x2.contiguous().to(low.dtype), low, None, "none", [], ""
         ).float()
         return y if bias is None else y.add_(bias)
-    if onednn and x2.device.type == "cpu" and x2.dtype == torch.float32:
+    if (
+        onednn
+        and x2.shape[0] >= ONEDNN_MIN_ROWS
+        and x2.device.type == "cpu"
+        and x2.dtype == torch.float32
+    ):
         return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), weight, bias, "none", [], "")
     return F.linear(x2, weight, bias)
 
@@ -330,10 +342,17 @@ def _lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     fused = None if args or kwargs else _adapted_args(layer, x)
     if fused is None:
         return layer._peft_forward(x, *args, **kwargs)
+    if not torch.is_grad_enabled():  # evaluation, generation: the same arithmetic, no graph node
+        y = _adapted(x.reshape(-1, x.shape[-1]), *fused)[0]
+        return y.view(*x.shape[:-1], y.shape[-1])
     return LoraLinear.apply(x, *fused)
 
 
 def _frozen_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled():  # as in _lora_forward
+        y = linear(x.reshape(-1, x.shape[-1]), _weight(layer), layer.bias,
+                   directions(layer._onednn)[0])  # fmt: skip
+        return y.view(*x.shape[:-1], y.shape[-1])
     return FrozenLinear.apply(x, _weight(layer), layer.bias, layer._onednn, training_low(layer))
 
 
