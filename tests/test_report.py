@@ -35,6 +35,7 @@ def test_study_writes_aggregate_comparisons_and_report(tiny_study):
         "Lowest mean eval loss",
         "## Setup",
         "frozen products in training",
+        "| threads | ",
         "## Results",
         "## Paired comparisons",
         "Holm",
@@ -157,3 +158,18 @@ def test_large_counts_are_grouped_and_a_missing_depth_sweep_is_named(tiny_study,
     assert "attn-bottom-third seed 1" in md.split("Missing runs")[1]  # the sweep never ran
     params = pd.read_csv(out / "summary.csv")["trainable_params"].max()
     assert params >= 10_000 and f"{int(params):,}" in (out / "report.html").read_text()
+
+
+def test_the_setup_says_how_many_threads_each_run_had_and_when_times_do_not_compare():
+    from loraplace.analysis.report import _threads
+
+    def run(strategy, threads, at_once=2):
+        return {"strategy": strategy, "seed": 42, "threads": threads, "runs_at_once": at_once}
+
+    assert _threads([run("full", 1), run("ffn", 1)]) == "1 thread a run, 2 runs at once"
+    mixed = _threads([run("full", 1), run("ffn", 2, 1)])
+    assert mixed == (
+        "1 thread a run, 2 runs at once: full seed 42; 2 threads a run, one run at a time: "
+        "ffn seed 42 (training times compare only between runs that ran alike)"
+    )
+    assert _threads([{"strategy": "full", "seed": 1}]) == "not recorded"

@@ -106,20 +106,39 @@ def tables(
     return summary, agg, comparisons
 
 
+def _by_run(runs: list[dict], label) -> tuple[str, bool]:
+    """(the runs' common `label(run)`, or each label with its runs; whether they differ)."""
+    found: dict[str, list[str]] = {}
+    for r in runs:
+        found.setdefault(label(r), []).append(f"{r['strategy']} seed {r['seed']}")
+    if len(found) == 1:
+        return next(iter(found)), False
+    return "; ".join(f"{k}: {', '.join(v)}" for k, v in found.items()), True
+
+
 def _products(runs: list[dict]) -> str:
     """How training's frozen products were rounded, run by run where they differ (results
     from before the switch: float32)."""
-    found: dict[str, list[str]] = {}
-    for r in runs:
-        found.setdefault(r.get("product_dtype") or "float32", []).append(
-            f"{r['strategy']} seed {r['seed']}"
-        )
     words = {
         "bfloat16": "bfloat16, float32 accumulation (adapters, optimizer, evaluation in float32)"
     }
-    if len(found) == 1:
-        return words.get(next(iter(found)), next(iter(found)))
-    return "; ".join(f"{words.get(k, k)}: {', '.join(v)}" for k, v in found.items())
+    dtype = lambda r: r.get("product_dtype") or "float32"  # noqa: E731
+    return _by_run(runs, lambda r: words.get(dtype(r), dtype(r)))[0]
+
+
+def _threads(runs: list[dict]) -> str:
+    """Each run's threads and how many runs went at once, run by run where they differ:
+    training times compare between runs that ran alike."""
+
+    def label(r: dict) -> str:
+        if r.get("threads") is None:
+            return "not recorded"
+        at_once = r.get("runs_at_once", 1)
+        together = f"{at_once} runs at once" if at_once > 1 else "one run at a time"
+        return f"{r['threads']} thread{'s' if r['threads'] != 1 else ''} a run, {together}"
+
+    text, differ = _by_run(runs, label)
+    return text + (" (training times compare only between runs that ran alike)" if differ else "")
 
 
 def _setup(first: dict, runs: list[dict]) -> list[tuple[str, str]]:
@@ -136,6 +155,7 @@ def _setup(first: dict, runs: list[dict]) -> list[tuple[str, str]]:
             f"{first.get('device')} on {first.get('machine', {}).get('platform')} ({first.get('machine', {}).get('cpus')} CPUs)",
         ),
         ("frozen products in training", _products(runs or [first])),
+        ("threads", _threads(runs or [first])),
         ("git", str(first.get("git_hash"))),
         ("packages", ", ".join(f"{k} {v}" for k, v in first.get("versions", {}).items() if v)),
     ]
