@@ -181,6 +181,7 @@ def test_two_runs_at_once_give_what_they_give_one_by_one(capsys, tiny_gpt2_dir, 
     lines = stdout.splitlines()
     first_end = next(i for i, line in enumerate(lines) if re.match(r"\s+\w+ seed \d+: ok", line))
     assert sum(line.startswith("run ") for line in lines[:first_end]) == 2, stdout
+    assert {result(at_once, s)["runs_at_once"] for s in ("full", "attention")} == {2}
     servers = {result(at_once, s)["parent_process"] for s in ("full", "attention")}
     assert len(servers) == 2 and os.getpid() not in servers  # each forked by a server of its own
 

@@ -173,3 +173,4 @@ def test_the_setup_says_how_many_threads_each_run_had_and_when_times_do_not_comp
         "ffn seed 42 (training times compare only between runs that ran alike)"
     )
     assert _threads([{"strategy": "full", "seed": 1}]) == "not recorded"
+    assert _threads([run("full", 4, None)]) == "4 threads a run"  # a Ray task's

@@ -207,7 +207,7 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         if prepared.paths:
             prepared.products = measure_products(cfg, prepared.paths, prepared.shapes, threads)
         for spec in todo:
-            spec |= {"products": prepared.products, "threads": threads, "runs_at_once": at_once}
+            spec |= {"products": prepared.products, "threads": threads}
     if prepared.paths:
         log(describe_paths(prepared.paths, prepared.products))
     for line in idle_fast_paths(cfg):
@@ -356,7 +356,7 @@ def _run_one(spec: dict, cfg: StudyConfig, out: Path, at_once: int, progress) ->
     folder = Path(spec["run_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").unlink(missing_ok=True)
-    write_json(folder / "spec.json", spec)
+    write_json(folder / "spec.json", spec | {"runs_at_once": at_once})
     env = _env(cfg, out, f"{name}-seed-{seed}")
     if at_once > 1 and not cfg.threads:  # the cores shared out, not each run taking them all
         env["OMP_NUM_THREADS"] = str(spec.get("threads") or max(1, cpu_cores() // at_once))

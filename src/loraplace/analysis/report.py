@@ -133,9 +133,11 @@ def _threads(runs: list[dict]) -> str:
     def label(r: dict) -> str:
         if r.get("threads") is None:
             return "not recorded"
-        at_once = r.get("runs_at_once", 1)
-        together = f"{at_once} runs at once" if at_once > 1 else "one run at a time"
-        return f"{r['threads']} thread{'s' if r['threads'] != 1 else ''} a run, {together}"
+        threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''} a run"
+        at_once = r.get("runs_at_once")
+        if at_once is None:
+            return threads
+        return threads + (f", {at_once} runs at once" if at_once > 1 else ", one run at a time")
 
     text, differ = _by_run(runs, label)
     return text + (" (training times compare only between runs that ran alike)" if differ else "")

@@ -597,7 +597,7 @@ def _paths_taken(run: Run, products: dict, batching: dict, taken: dict, eval_hea
         "eval_head": eval_head,
         "release_memory": run.released,
         "threads": torch.get_num_threads(),
-        "runs_at_once": run.spec.get("runs_at_once", 1),
+        "runs_at_once": run.spec.get("runs_at_once"),  # None: not said (a Ray task)
     }
 
 
