@@ -55,9 +55,11 @@ class Prepared:
     base_mb: float = 0.0  # the base's float32 weights
 
 
-def prepare(cfg: StudyConfig) -> Prepared:
+def prepare(cfg: StudyConfig, products: bool = True) -> Prepared:
     """Check hardware, model, strategies and data without loading weights (one sentence for
-    anything wrong); resolve what `auto` takes on this machine."""
+    anything wrong); resolve what `auto` takes on this machine. `products`: also measure the
+    product libraries with the config's threads (a study measures them once it knows its
+    runs' threads)."""
     from loraplace.data.rows import load_rows
     from loraplace.plan.budget import equalize
     from loraplace.plan.models import meta_model, resolve
@@ -86,8 +88,8 @@ def prepare(cfg: StudyConfig) -> Prepared:
     base_mb = sum(p.numel() for p in meta.parameters()) * 4 / 2**20
     if paths is None:
         return Prepared(strategies, None, {}, plans, shapes, base_mb)
-    products = measure_products(cfg, paths, shapes, cfg.threads)
-    return Prepared(strategies, paths.to_dict(), products, plans, shapes, base_mb)
+    found = measure_products(cfg, paths, shapes, cfg.threads) if products else {}
+    return Prepared(strategies, paths.to_dict(), found, plans, shapes, base_mb)
 
 
 def plan_record(placement) -> dict:
@@ -174,7 +176,7 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         require_ray()
     elif server.uses_worker(cfg.reuse_process):  # its imports overlap the checks below
         server.start_worker()
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, products=False)
     strategies = prepared.strategies
     check_writable(out)
     acquire(out, "study", log)  # until the CLI lets go (lock.release) or this process ends
@@ -195,7 +197,7 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
             "base_eval": str(out / "base_eval.json"),
         }
         if prepared.paths:
-            spec |= {"paths": prepared.paths, "products": prepared.products}
+            spec["paths"] = prepared.paths
         if is_done(existing.get((s.name, seed)), spec):
             continue
         todo.append(spec)
@@ -203,11 +205,14 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         f"study: {len(jobs)} runs ({len(strategies)} strategies x {len(cfg.seeds)} seeds), {len(jobs) - len(todo)} already done"
     )
     at_once, threads = local_plan(cfg, len(todo), prepared) if cfg.executor != "ray" else (1, None)
-    if threads:  # each run takes a share of the cores: the products are timed with that share
-        if prepared.paths:
-            prepared.products = measure_products(cfg, prepared.paths, prepared.shapes, threads)
+    if prepared.paths:  # timed with the threads each run will have
+        prepared.products = measure_products(
+            cfg, prepared.paths, prepared.shapes, threads or cfg.threads
+        )
         for spec in todo:
-            spec |= {"products": prepared.products, "threads": threads}
+            spec["products"] = prepared.products
+    for spec in todo if threads else []:
+        spec["threads"] = threads
     if prepared.paths:
         log(describe_paths(prepared.paths, prepared.products))
     for line in idle_fast_paths(cfg):
@@ -286,8 +291,12 @@ def local_plan(cfg: StudyConfig, runs: int, prepared: Prepared) -> tuple[int | N
     else:
         free, need = available_mb(), run_memory_mb(prepared.base_mb)
         at_once = cpu_runs_at_once(runs, cpu_cores(), free, need)
-    threads = max(1, cpu_cores() // at_once) if at_once > 1 and not cfg.threads else None
-    return at_once, threads
+    return at_once, (cores_each(at_once) if at_once > 1 and not cfg.threads else None)
+
+
+def cores_each(at_once: int) -> int:
+    """Each run's share of this machine's cores when `at_once` run together."""
+    return max(1, cpu_cores() // at_once)
 
 
 def run_local(
@@ -359,7 +368,7 @@ def _run_one(spec: dict, cfg: StudyConfig, out: Path, at_once: int, progress) ->
     write_json(folder / "spec.json", spec | {"runs_at_once": at_once})
     env = _env(cfg, out, f"{name}-seed-{seed}")
     if at_once > 1 and not cfg.threads:  # the cores shared out, not each run taking them all
-        env["OMP_NUM_THREADS"] = str(spec.get("threads") or max(1, cpu_cores() // at_once))
+        env["OMP_NUM_THREADS"] = str(spec.get("threads") or cores_each(at_once))
     t0 = time.perf_counter()
     try:
         code = server.run_spec(folder / "spec.json", env, cfg.reuse_process)

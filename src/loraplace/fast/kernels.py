@@ -145,6 +145,12 @@ def linear_input_grad(g: torch.Tensor, weight: torch.Tensor, onednn: bool = Fals
     return linear(g, weight.t(), None, onednn, None if low is None else low.t())
 
 
+def _frozen_product(x, weight, bias, onednn, low=None) -> torch.Tensor:
+    """`linear` over the last dimension of an input of any shape."""
+    y = linear(x.reshape(-1, x.shape[-1]), weight, bias, directions(onednn)[0], low)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class FrozenLinear(torch.autograd.Function):
     """y = x W^T + b with W and b frozen: the backward pass computes the input gradient only."""
 
@@ -152,8 +158,7 @@ class FrozenLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, onednn, low=None):
         ctx.save_for_backward(weight)
         ctx.shape, ctx.onednn, ctx.low = x.shape, onednn, low
-        y = linear(x.reshape(-1, x.shape[-1]), weight, bias, directions(onednn)[0], low)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return _frozen_product(x, weight, bias, onednn, low)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -349,11 +354,10 @@ def _lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _frozen_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    args = (_weight(layer), layer.bias, layer._onednn, training_low(layer))
     if not torch.is_grad_enabled():  # as in _lora_forward
-        y = linear(x.reshape(-1, x.shape[-1]), _weight(layer), layer.bias,
-                   directions(layer._onednn)[0])  # fmt: skip
-        return y.view(*x.shape[:-1], y.shape[-1])
-    return FrozenLinear.apply(x, _weight(layer), layer.bias, layer._onednn, training_low(layer))
+        return _frozen_product(x, *args)
+    return FrozenLinear.apply(x, *args)
 
 
 def training_low(layer) -> torch.Tensor | None:

@@ -114,17 +114,15 @@ def base_evaluation(
     if not cfg.reuse_base_eval or not path:
         return evaluate()
     tokens = hashlib.sha256(json.dumps([e.input_ids for e in eval_set]).encode()).hexdigest()
-    numbers = {k: paths.get(k) for k in ("precision", "quantize", "attention") if k in paths}
-    key = (
-        {k: getattr(cfg, k) for k in BASE_EVAL_KEYS}
-        | numbers
-        | {
-            "device": paths["device"],
-            "tokens": tokens,
-            "head": head,
-        }
-    )
+    key = {k: getattr(cfg, k) for k in BASE_EVAL_KEYS} | _base_numbers(paths)
+    key |= {"tokens": tokens, "head": head}
     return [tuple(x) for x in _once_per_study(Path(path), key, "per_example", evaluate)]
+
+
+def _base_numbers(paths: dict) -> dict:
+    """The resolved paths that change what the untrained model computes."""
+    numbers = {k: paths.get(k) for k in ("precision", "quantize", "attention") if k in paths}
+    return numbers | {"device": paths["device"]}
 
 
 def _once_per_study(path: Path, key: dict, field: str, compute):
@@ -147,10 +145,8 @@ def base_generations(spec: dict, cfg: StudyConfig, paths: dict, prompts: list[st
     path = spec.get("base_eval")
     if not cfg.reuse_base_eval or not path or not prompts:
         return generate()
-    numbers = {k: paths.get(k) for k in ("precision", "quantize", "attention") if k in paths}
-    key = {k: getattr(cfg, k) for k in ("model", "trust_remote_code", "max_new_tokens",
-                                        "max_length")} | numbers | {
-        "device": paths["device"], "prompts": prompts}  # fmt: skip
+    settings = ("model", "trust_remote_code", "max_new_tokens", "max_length")
+    key = {k: getattr(cfg, k) for k in settings} | _base_numbers(paths) | {"prompts": prompts}
     return _once_per_study(
         Path(path).with_name(Path(path).stem + "_generations.json"), key, "generations", generate
     )
