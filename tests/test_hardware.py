@@ -138,6 +138,27 @@ def test_the_isa_cap_hides_bfloat16_from_the_probe():
     assert out.stdout.strip() == "False"
 
 
+def test_assumed_flags_choose_as_that_cpu_would_and_only_where_the_library_runs():
+    """LORAPLACE_ASSUME_CPU_FLAGS=avx512_bf16 is how the suite sees an AVX-512 BF16 CPU's
+    defaults on another one: `auto` takes bfloat16 where oneDNN builds the product, the machine
+    says it was assumed (so caches and results keep it apart), and under an AVX2 cap it still
+    takes float32 instead of a product that would fail."""
+    code = (
+        "from loraplace.fast.hardware import Machine, resolve_paths; m = Machine.here(); "
+        "print(resolve_paths('auto', None, None, 'auto', m).product_dtype, m.bf16_products, "
+        "'|', m.describe())"
+    )
+    for cap in ({}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}):
+        env = dict(os.environ, LORAPLACE_ASSUME_CPU_FLAGS="avx512_bf16", **cap)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        chosen, described = out.stdout.strip().split(" | ")
+        assert "avx512_bf16" in described and "LORAPLACE_ASSUME_CPU_FLAGS" in described
+        # the probe decides: bfloat16 wherever oneDNN builds the product, never under the cap
+        assert chosen in ("bfloat16 True", "float32 False"), (cap, chosen)
+        assert not cap or chosen == "float32 False"
+
+
 def _study(capsys, model_dir, out, *extra) -> tuple[int, str]:
     from loraplace.cli import main
 

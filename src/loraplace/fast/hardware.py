@@ -28,7 +28,12 @@ from loraplace.core.errors import UserError
 
 OPTIONAL_PACKAGES = ("bitsandbytes", "flash_attn", "liger_kernel", "triton")
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # x86 flags of CPUs that multiply bfloat16 natively
-ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE")
+# Set in the environment, these change what the libraries or loraplace take the CPU to have;
+# recorded with the machine, so results and caches tell them apart. ASSUME_FLAGS adds flags
+# (e.g. "avx512_bf16") to see what `auto` picks on a CPU that has them: what the flags choose
+# still runs only where the library does (bfloat16 products: the probe below), never a crash.
+ASSUME_FLAGS = "LORAPLACE_ASSUME_CPU_FLAGS"
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", ASSUME_FLAGS)
 # A library wins a product shape only when it is this much faster: timings of equal libraries
 # differ by a few per cent from one measurement to the next.
 MARGIN = 0.05
@@ -43,7 +48,7 @@ class Machine:
     onednn: bool = False
     bf16_products: bool = False
     devices: tuple[str, ...] = ("cpu",)
-    isa_limits: dict = field(default_factory=dict)  # ONEDNN_MAX_CPU_ISA and the like, if set
+    isa_limits: dict = field(default_factory=dict)  # ISA_VARIABLES set here: ONEDNN_MAX_CPU_ISA...
     gpu_bf16: bool = False  # the CUDA device computes in bfloat16
     packages: frozenset[str] = frozenset()  # optional libraries installed: OPTIONAL_PACKAGES
 
@@ -83,6 +88,7 @@ def _here() -> Machine:
         cpu, flags = cpu_info(Path("/proc/cpuinfo").read_text())
     except OSError:
         cpu, flags = platform.processor() or platform.machine(), frozenset()
+    flags |= frozenset(os.environ.get(ASSUME_FLAGS, "").split())
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")
