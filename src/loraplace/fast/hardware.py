@@ -33,7 +33,12 @@ NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # x86 flags of CPUs that multiply bfl
 # (e.g. "avx512_bf16") to see what `auto` picks on a CPU that has them: what the flags choose
 # still runs only where the library does (bfloat16 products: the probe below), never a crash.
 ASSUME_FLAGS = "LORAPLACE_ASSUME_CPU_FLAGS"
-ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", ASSUME_FLAGS)
+ISA_VARIABLES = (
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_DEBUG_CPU_TYPE",
+    ASSUME_FLAGS,
+)
 # A library wins a product shape only when it is this much faster: timings of equal libraries
 # differ by a few per cent from one measurement to the next.
 MARGIN = 0.05
