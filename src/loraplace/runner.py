@@ -209,12 +209,12 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         prepared.products = measure_products(
             cfg, prepared.paths, prepared.shapes, threads or cfg.threads
         )
-        for spec in todo:
-            spec["products"] = prepared.products
-    for spec in todo if threads else []:
-        spec["threads"] = threads
-    if prepared.paths:
         log(describe_paths(prepared.paths, prepared.products))
+    for spec in todo:
+        if prepared.paths:
+            spec["products"] = prepared.products
+        if threads:
+            spec["threads"] = threads
     for line in idle_fast_paths(cfg):
         log(f"note: {line}")
     if at_once and at_once > 1 and server.uses_worker(cfg.reuse_process):
