@@ -181,8 +181,9 @@ def test_runs_forked_from_one_server_give_what_fresh_processes_give(
     for reuse in ("false", "true"):
         out = tmp_path / reuse
         code, stdout, _ = study(
-            capsys, tiny_gpt2_dir, out, *THREE_STRATEGIES, "--set", f"reuse_process={reuse}"
-        )
+            capsys, tiny_gpt2_dir, out, *THREE_STRATEGIES, "--set", f"reuse_process={reuse}",
+            "--set", "runs_per_device=1",  # one server for all three, one after another
+        )  # fmt: skip
         assert code == 0, stdout
         found[reuse] = [
             json.loads((out / f"runs/{s}/seed-42/result.json").read_text())
@@ -335,6 +336,58 @@ def test_the_untrained_models_generations_are_made_once_per_study(tiny_gpt2_dir,
     longer = _spec(tiny_gpt2_dir, tmp_path, epochs=1, generations=2, max_new_tokens=6)
     third = train_run(longer | {"base_eval": str(base)})  # other settings: made again
     assert [g["base"] for g in third["generations"]] != ["stored 1", "stored 2"]
+
+
+def test_runs_at_once_compute_the_once_per_study_numbers_once(tmp_path):
+    import threading
+    import time
+
+    from loraplace.train.run import _once_per_study
+
+    path = tmp_path / "base_eval.json"
+    calls = []
+
+    def compute():
+        calls.append(1)
+        time.sleep(0.3)  # long enough for the other runs to arrive meanwhile
+        return [1.5, 2.5]
+
+    got = []
+    runs = [threading.Thread(target=lambda: got.append(_once_per_study(path, {"k": 1}, "v", compute)))
+            for _ in range(3)]  # fmt: skip
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert calls == [1] and got == [[1.5, 2.5]] * 3
+
+
+def test_a_run_that_finds_the_base_generations_being_made_trains_and_takes_them_after(
+    tiny_gpt2_dir, tmp_path
+):
+    import fcntl
+    import threading
+
+    base = tmp_path / "base.json"
+    spec = _spec(tiny_gpt2_dir, tmp_path, epochs=1, generations=2, max_new_tokens=4)
+    train_run(spec | {"base_eval": str(base)})
+    stored = tmp_path / "base_generations.json"
+    made = json.loads(stored.read_text())
+    stored.unlink()
+    with open(str(stored) + ".lock", "a") as lock:  # another run of the study is making them
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+        def finish():  # ... and stores them once this run is training
+            stored.write_text(json.dumps(made | {"generations": ["stored 1", "stored 2"]}))
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+        later = threading.Timer(1.0, finish)
+        later.start()
+        second = train_run(
+            spec | {"base_eval": str(base), "strategy": to_dict(BUILTINS["attention"])}
+        )
+        later.join()
+    assert [g["base"] for g in second["generations"]] == ["stored 1", "stored 2"]
 
 
 def test_a_run_attaches_the_plan_the_study_made_and_refuses_a_model_that_places_otherwise():

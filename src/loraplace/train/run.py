@@ -125,31 +125,56 @@ def _base_numbers(paths: dict) -> dict:
     return numbers | {"device": paths["device"]}
 
 
-def _once_per_study(path: Path, key: dict, field: str, compute):
+def _once_per_study(path: Path, key: dict, field: str, compute, wait: bool = True):
     """compute(), or what a run of the study before this one stored at `path` under the same
-    `key` (a file with another key, or none, is computed again and replaced)."""
+    `key` (a file with another key, or none, is computed again and replaced).
+
+    Runs going at once take turns on a lock beside the file, so one computes and the others
+    read: `wait` False returns None at once where another run holds it (the caller asks again
+    later, with `wait`)."""
+    import fcntl
+
+    cached = _cached(path, key, field)
+    if cached is not None:
+        return cached
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return None
+        cached = _cached(path, key, field)  # made by the run that held the lock
+        if cached is not None:
+            return cached
+        value = compute()
+        write_json(path, {"key": key, field: value})
+        return value  # the lock goes with the file's closing
+
+
+def _cached(path: Path, key: dict, field: str):
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached[field]
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    value = compute()
-    write_json(path, {"key": key, field: value})
-    return value
+    return None
 
 
-def base_generations(spec: dict, cfg: StudyConfig, paths: dict, prompts: list[str], generate):
+def base_generations(
+    spec: dict, cfg: StudyConfig, paths: dict, prompts: list[str], generate, wait: bool = True
+):
     """The untrained model's greedy continuations of the prompts: made once per study and
-    shared by its runs when `reuse_base_eval` (the same base, prompts and settings)."""
+    shared by its runs when `reuse_base_eval` (the same base, prompts and settings). None,
+    without `wait`, while another run of the study is making them."""
     path = spec.get("base_eval")
     if not cfg.reuse_base_eval or not path or not prompts:
         return generate()
     settings = ("model", "trust_remote_code", "max_new_tokens", "max_length")
     key = {k: getattr(cfg, k) for k in settings} | _base_numbers(paths) | {"prompts": prompts}
     return _once_per_study(
-        Path(path).with_name(Path(path).stem + "_generations.json"), key, "generations", generate
-    )
+        Path(path).with_name(Path(path).stem + "_generations.json"),
+        key, "generations", generate, wait,
+    )  # fmt: skip
 
 
 class Notes(list):
@@ -346,9 +371,12 @@ def train_run(spec: dict) -> dict:
         with model.disable_adapter():
             return _generations(run, model, tokenizer, prompts)
 
-    base_texts = base_generations(spec, cfg, run.paths, prompts, untrained)
+    # where another run is making them, they are read after training instead of waited for
+    base_texts = base_generations(spec, cfg, run.paths, prompts, untrained, wait=False)
     trainer, resume, curves = _trainer(run, model, sets["train"], batching, taken, evaluate)
     train_time_s = _train(run, trainer, resume)
+    if base_texts is None:
+        base_texts = base_generations(spec, cfg, run.paths, prompts, untrained)
     per_example = curves.pop("last_eval") or evaluate()
     eval_loss = token_weighted(per_example)
     if not math.isfinite(eval_loss):
