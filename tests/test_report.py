@@ -172,5 +172,7 @@ def test_the_setup_says_how_many_threads_each_run_had_and_when_times_do_not_comp
         "1 thread a run, 2 runs at once: full seed 42; 2 threads a run, one run at a time: "
         "ffn seed 42 (training times compare only between runs that ran alike)"
     )
+    shared = [run("full", 1, 3) | {"machine": {"cpus": 2}}, run("ffn", 1, 3)]  # on two cores
+    assert _threads(shared).startswith("1 thread a run, 3 runs at once sharing 2 cores: full")
     assert _threads([{"strategy": "full", "seed": 1}]) == "not recorded"
     assert _threads([run("full", 4, None)]) == "4 threads a run"  # a Ray task's

@@ -12,11 +12,13 @@ GB = 1024
 
 
 @pytest.mark.parametrize(
-    "runs, at_once", [(1, 1), (2, 2), (3, 1), (4, 2), (5, 1), (6, 2), (7, 1), (9, 2), (30, 2)]
+    "runs, at_once",
+    [(1, 1), (2, 2), (3, 3), (4, 2), (5, 3), (6, 2), (7, 1), (8, 2), (9, 3), (30, 2)],
 )
-def test_two_runs_at_once_only_where_the_study_ends_sooner(runs, at_once):
-    # three runs in two rounds at half the cores take longer than three one by one; with more
-    # runs, an odd one out costs less
+def test_runs_go_at_once_only_where_the_study_ends_sooner(runs, at_once):
+    # two cores: pairs for an even count; for an odd one, three one-thread runs sharing the
+    # cores, not a last round that leaves a core idle (3 = one round of three, 5 = three then
+    # two); 7 as 3, 3, 1 or 2, 2, 2, 1 gains under 5 %
     assert cpu_runs_at_once(runs, cores=2, free_mb=20 * GB, run_mb=3 * GB) == at_once
 
 
@@ -24,12 +26,22 @@ def test_one_at_a_time_without_a_second_core_or_memory_for_two():
     assert cpu_runs_at_once(4, cores=1, free_mb=20 * GB, run_mb=3 * GB) == 1
     assert cpu_runs_at_once(4, cores=2, free_mb=5 * GB, run_mb=3 * GB) == 1
     assert cpu_runs_at_once(4, cores=2, free_mb=None, run_mb=3 * GB) == 1  # memory unknown
+    # memory for two but not three: three runs in two rounds of two would end later
+    assert cpu_runs_at_once(3, cores=2, free_mb=8 * GB, run_mb=3 * GB) == 1
+    assert cpu_runs_at_once(3, cores=2, free_mb=9 * GB, run_mb=3 * GB) == 3
+
+
+def test_more_runs_than_cores_only_where_each_run_has_one_thread():
+    # four cores: pairs of two-thread runs; five runs, two threads each, would not fit the cores
+    assert cpu_runs_at_once(3, cores=4, free_mb=20 * GB, run_mb=1) == 1
+    assert cpu_runs_at_once(4, cores=4, free_mb=20 * GB, run_mb=1) == 2
 
 
 def test_the_choice_follows_what_more_threads_gain():
     assert cpu_runs_at_once(4, 2, 20 * GB, 1, gain=2.0) == 1  # threads that scale perfectly
-    assert cpu_runs_at_once(3, 2, 20 * GB, 1, gain=1.2) == 2
-    assert cpu_runs_at_once(5, 2, 20 * GB, 1, gain=1.5) == 2  # threads that barely help
+    assert cpu_runs_at_once(3, 2, 20 * GB, 1, gain=2.0) == 1
+    assert cpu_runs_at_once(4, 2, 20 * GB, 1, gain=1.2) == 2
+    assert cpu_runs_at_once(5, 2, 20 * GB, 1, gain=1.5) == 3  # threads that barely help
 
 
 def prepared(device: str = "cpu", base_mb: float = 500.0) -> Prepared:
@@ -41,7 +53,7 @@ def test_the_plan_on_a_cpu_a_gpu_and_as_set(monkeypatch):
     monkeypatch.setattr(runner, "available_mb", lambda: 20 * GB)
     cfg = StudyConfig()
     assert local_plan(cfg, 4, prepared()) == (2, 2)  # unset, on a CPU: two, half the cores each
-    assert local_plan(cfg, 3, prepared()) == (1, None)
+    assert local_plan(cfg, 3, prepared()) == (1, None)  # four cores: two threads a run
     assert local_plan(StudyConfig(runs_per_device="auto"), 4, prepared()) == (2, 2)
     assert local_plan(StudyConfig(threads=1), 4, prepared()) == (1, None)  # the user's threads
     assert local_plan(StudyConfig(runs_per_device="1"), 4, prepared()) == (1, None)

@@ -246,13 +246,29 @@ THREADS_GAIN = 1.7
 def cpu_runs_at_once(
     runs: int, cores: int, free_mb: float | None, run_mb: float, gain: float = THREADS_GAIN
 ) -> int:
-    """How many runs a CPU study runs at once: two, each with half the cores, where that ends
-    the study at least 5 % sooner (rounds of two, each `gain` times as long as one run with
-    every core) and memory holds both; else one. An odd last run keeps half the cores, so
-    that every run of the study is timed alike."""
-    if runs < 2 or cores < 2 or free_mb is None or free_mb < 2 * run_mb:
+    """How many runs a CPU study runs at once, where that ends it at least 5 % sooner and
+    memory holds them all; else one.
+
+    Two at once take half the cores each, a round of two `gain` times as long as one run with
+    every core. Where that is one thread each, one run more than the cores also goes: the
+    cores shared out among `cores + 1` one-thread runs, so that an odd number of runs keeps
+    every core busy (three runs on two cores in one round, not two rounds). Every run of such
+    a study gets the same threads, a last run alone too, so their training times compare."""
+    if runs < 2 or cores < 2 or free_mb is None:
         return 1
-    return 2 if -(-runs // 2) * gain <= 0.95 * runs else 1
+    options = [2] + ([cores + 1] if cores // 2 == 1 else [])
+    times = {k: study_time(runs, k, cores, gain) for k in options if free_mb >= k * run_mb}
+    best = min(times, key=lambda k: (times[k], k), default=1)
+    return best if best > 1 and times[best] <= 0.95 * runs else 1
+
+
+def study_time(runs: int, at_once: int, cores: int, gain: float = THREADS_GAIN) -> float:
+    """A study's time in rounds of `at_once` runs, in units of one run with every core: a
+    round of two or more takes `gain` (each with its share of the cores), and `gain` times
+    the runs over the cores where one-thread runs outnumber the cores."""
+    full, last = divmod(runs, at_once)
+    rounds = [at_once] * full + ([last] if last else [])
+    return sum(gain * max(1.0, m / cores) if at_once > 1 else 1.0 for m in rounds)
 
 
 def run_memory_mb(base_mb: float) -> float:

@@ -134,10 +134,13 @@ def _threads(runs: list[dict]) -> str:
         if r.get("threads") is None:
             return "not recorded"
         threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''} a run"
-        at_once = r.get("runs_at_once")
+        at_once, cpus = r.get("runs_at_once"), (r.get("machine") or {}).get("cpus")
         if at_once is None:
             return threads
-        return threads + (f", {at_once} runs at once" if at_once > 1 else ", one run at a time")
+        if at_once <= 1:
+            return threads + ", one run at a time"
+        shared = cpus and at_once * r["threads"] > cpus  # the OS shares the cores out
+        return threads + f", {at_once} runs at once" + (f" sharing {cpus} cores" if shared else "")
 
     text, differ = _by_run(runs, label)
     return text + (" (training times compare only between runs that ran alike)" if differ else "")
