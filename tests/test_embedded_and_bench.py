@@ -52,6 +52,9 @@ def test_bench_runs_both_paths_side_by_side(tiny_gpt2_dir, tmp_path, capsys):
         assert 0 < row["loraplace_mfu_pct"] and 0 < row["plain_mfu_pct"]
         assert abs(row["eval_loss_diff_pct"]) < 2  # same study, same evaluation code
     assert report["peak_gflops"] > 0 and report["total"]["speedup"] > 0
+    if report["loraplace_runs_at_once"] > 1:  # one study, runs sharing the machine
+        assert all(r["speedup"] is None for r in report["rows"])
+        assert "runs at once" in (out / "bench.md").read_text()
     table = (out / "bench.md").read_text()
     assert "| total |" in table
     for row in report["rows"]:  # the fixed cost of each run, part by part

@@ -11,10 +11,11 @@
     with float32 accumulation where the CPU multiplies it natively: `product_dtype`, the one
     switch that changes rounding; evaluation stays float32), freed buffers
     returned to the OS, the untrained model evaluated once per study, and every run forked from
-    one server process that imported the ML stack once.
-Both are evaluated by the same code (packed rows, the head in token blocks). The runs
-alternate (a, b, a, b, ...) so both see the machine in the same state. Results: OUT/bench.json
-and OUT/bench.md. Not a test: no asserts.
+    one server process that imported the ML stack once, all of them one study, as
+    `loraplace study` runs them (on a CPU several at once where that ends it sooner).
+Both are evaluated by the same code (packed rows, the head in token blocks). loraplace's study
+runs after the first plain run and before the others, so both see the machine in much the
+same state. Results: OUT/bench.json and OUT/bench.md. Not a test: no asserts.
 """
 
 from __future__ import annotations
@@ -83,11 +84,16 @@ def _row(name: str, plain: dict, fast: dict, peak: float, flops: tuple[float, fl
         # a run's fixed cost: everything but training (load, checks, evaluations, saving)
         row[f"{tag}_outside_train_s"] = r["wall_s"] - m["train_time_s"] if m else None
         row[f"{tag}_phases_s"] = r.get("phases_s")
-    row["speedup"] = plain["wall_s"] / fast["wall_s"]
+    # runs that went at once shared the machine: only the study's total compares end to end
+    row["speedup"] = plain["wall_s"] / fast["wall_s"] if _alone(fast) else None
     if plain.get("metrics") and fast.get("metrics"):
         a, b = plain["metrics"]["eval_loss"], fast["metrics"]["eval_loss"]
         row["eval_loss_diff_pct"] = 100 * (b - a) / a
     return row
+
+
+def _alone(result: dict) -> bool:
+    return (result.get("runs_at_once") or 1) <= 1
 
 
 def render(report: dict) -> str:
@@ -117,6 +123,16 @@ def render(report: dict) -> str:
         )
     if report.get("paths"):
         head += f" loraplace's {report['paths']}."
+    at_once = report.get("loraplace_runs_at_once") or 1
+    if at_once > 1:
+        threads = report.get("loraplace_threads")
+        head += (
+            f" loraplace ran the strategies as one study, {at_once} runs at once"
+            + (f", {threads} thread{'s' if threads != 1 else ''} each" if threads else "")
+            + " (as `loraplace study` chooses here): a run's times and rates are its share of "
+            "the machine, so speedups are the study's, end to end (total row; its tok/s and "
+            "MFU sum the runs'), against the plain runs one after another."
+        )
     return head + "\n\n" + table + "\n\n" + render_fixed_costs(report["rows"])
 
 
@@ -137,7 +153,8 @@ PHASES = {"load": "load", "checks": "checks", "base_eval": "base evaluation", "a
 
 def render_fixed_costs(rows: list[dict]) -> str:
     """Where each run's time outside training went, in seconds: the phases the run timed, and
-    the rest of its wall time as `other` (starting processes, the study's own setup)."""
+    the rest of its wall time as `other` (on the plain path the whole script's: starting the
+    process, the study's own setup)."""
     found = [k for k in PHASES if any(k in (r.get(f"{t}_phases_s") or {}) for r in rows
                                       for t in ("plain", "loraplace"))]  # fmt: skip
     cols = ["strategy", "path"] + [PHASES[k] for k in found] + ["other", "outside training"]
@@ -156,7 +173,8 @@ def render_fixed_costs(rows: list[dict]) -> str:
 
 
 def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
-    """Each strategy the plain way and loraplace's way, alternating; bench.json and bench.md."""
+    """Each strategy the plain way, and all of them as loraplace's study; bench.json and
+    bench.md."""
     from loraplace.runner import describe_paths, prepare
 
     out = Path(out)
@@ -165,10 +183,10 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
     peaks = matmul_peak_gflops()
     peak = max(peaks.values())
     log(
-        f"bench: float32 matmul peak {peak:.0f} GFLOP/s; {len(strategies)} strategies, plain and loraplace alternating"
+        f"bench: float32 matmul peak {peak:.0f} GFLOP/s; {len(strategies)} strategies, plain one by one, loraplace as one study after the first"
     )
     lengths = _train_lengths(cfg)
-    results = _run_both(cfg, strategies, out, log)
+    results, study_wall = _run_both(cfg, strategies, out, log)
     rows = []
     for s in strategies:
         plain, fast = results["plain"][s.name], results["loraplace"][s.name]
@@ -187,7 +205,9 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
         "paths": describe_paths(prepared.paths, prepared.products),
         "train_tokens_per_epoch": sum(lengths),
         "rows": rows,
-        "total": _total(rows, peak, sum(lengths) * cfg.epochs),
+        "total": _total(rows, peak, sum(lengths) * cfg.epochs, study_wall),
+        "loraplace_runs_at_once": first.get("runs_at_once"),
+        "loraplace_threads": first.get("threads"),
         "config": cfg.to_dict(),
     }
     write_json(out / "bench.json", report)
@@ -206,43 +226,64 @@ def _train_lengths(cfg: StudyConfig) -> list[int]:
     return [len(e.input_ids) for e in tokenize(rows, tokenizer, cfg.max_length, cfg.loss_on)]
 
 
-def _run_both(cfg: StudyConfig, strategies, out: Path, log) -> dict[str, dict]:
-    """{"plain": {strategy: result}, "loraplace": {...}}, each with its wall time."""
+def _run_both(cfg: StudyConfig, strategies, out: Path, log) -> tuple[dict[str, dict], float]:
+    """({"plain": {strategy: result}, "loraplace": {...}}, loraplace's study wall time), each
+    result with its run's wall time. The plain path runs the placements one after another,
+    each a study of its own, as the seed's scripts do; loraplace runs them as one study."""
     from loraplace.runner import run_study
 
     results: dict[str, dict] = {"plain": {}, "loraplace": {}}
     for tag in results:  # nothing carried over from an earlier benchmark
         (out / tag / "base_eval.json").unlink(missing_ok=True)
-    for s in strategies:
-        for tag, base in (("plain", cfg.plain()), ("loraplace", cfg)):
-            folder = out / tag
-            shutil.rmtree(folder / "runs" / s.name, ignore_errors=True)
-            run_cfg = replace(
-                base,
-                strategies=[s.name] if not s.rank_by_role else cfg.strategies,
-                generations=0,
-                checkpoint_minutes=None,  # both paths: training speed, not checkpoint writes
-                checkpoint_every=None,
-                report_to=[],
-            )
-            start = time.perf_counter()
-            found = run_study(run_cfg, folder, log=lambda line, t=tag: log(f"[{t}] {line}"))
-            result = next(r for r in found if r["strategy"] == s.name)
-            result["wall_s"] = time.perf_counter() - start
-            results[tag][s.name] = result
-    return results
+        shutil.rmtree(out / tag / "runs", ignore_errors=True)
+    settings = dict(
+        seeds=cfg.seeds[:1],
+        generations=0,
+        checkpoint_minutes=None,  # both paths: training speed, not checkpoint writes
+        checkpoint_every=None,
+        report_to=[],
+    )
+
+    def study(tag: str, base: StudyConfig, names: list[str]) -> tuple[dict, float]:
+        start = time.perf_counter()
+        found = run_study(replace(base, strategies=names, **settings), out / tag,
+                          log=lambda line: log(f"[{tag}] {line}"))  # fmt: skip
+        for r in found:
+            timing = r.get("timing", {})
+            r["wall_s"] = timing.get("finished", 0.0) - timing.get("started", 0.0)
+        return {r["strategy"]: r for r in found}, time.perf_counter() - start
+
+    def plain(s) -> None:  # a ranked strategy needs the others to be planned
+        found, wall = study(
+            "plain", cfg.plain(), [s.name] if not s.rank_by_role else cfg.strategies
+        )
+        results["plain"][s.name] = found[s.name] | {"wall_s": wall}  # the script, as one waits
+
+    plain(strategies[0])
+    results["loraplace"], study_wall = study("loraplace", cfg, cfg.strategies)
+    for s in strategies[1:]:
+        plain(s)
+    return results, study_wall
 
 
-def _total(rows: list[dict], peak: float, tokens_per_run: float) -> dict:
-    """The totals row: times summed, memory the largest, throughput over all training time."""
+def _total(rows: list[dict], peak: float, tokens_per_run: float, study_wall: float) -> dict:
+    """The totals row: times summed (loraplace's wall: its study's), memory the largest,
+    throughput over all training time, or summed over runs that went at once."""
     total = {"strategy": "total"}
-    for key in ("plain_wall_s", "loraplace_wall_s", "plain_train_s", "loraplace_train_s",
+    for key in ("plain_wall_s", "plain_train_s", "loraplace_train_s",
                 "plain_outside_train_s", "loraplace_outside_train_s"):  # fmt: skip
         total[key] = sum(r[key] or 0 for r in rows)
-    total["speedup"] = total["plain_wall_s"] / total["loraplace_wall_s"]
+    total["loraplace_wall_s"] = study_wall
+    total["speedup"] = total["plain_wall_s"] / study_wall
+    concurrent = any(r["speedup"] is None for r in rows)
     for tag in ("plain", "loraplace"):
         total[f"{tag}_peak_memory_mb"] = max(r[f"{tag}_peak_memory_mb"] or 0 for r in rows)
         train_s = sum(r[f"{tag}_train_s"] or 0 for r in rows)
+        if tag == "loraplace" and concurrent:
+            total[f"{tag}_gflops"] = sum(r[f"{tag}_gflops"] or 0 for r in rows)
+            total[f"{tag}_tokens_per_s"] = sum(r[f"{tag}_tokens_per_s"] or 0 for r in rows)
+            total[f"{tag}_mfu_pct"] = 100 * total[f"{tag}_gflops"] / peak
+            continue
         gflop = sum((r[f"{tag}_gflops"] or 0) * (r[f"{tag}_train_s"] or 0) for r in rows)
         total[f"{tag}_gflops"] = gflop / train_s if train_s else None
         total[f"{tag}_mfu_pct"] = 100 * total[f"{tag}_gflops"] / peak if train_s else None
