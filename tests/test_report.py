@@ -174,5 +174,14 @@ def test_the_setup_says_how_many_threads_each_run_had_and_when_times_do_not_comp
     )
     shared = [run("full", 1, 3) | {"machine": {"cpus": 2}}, run("ffn", 1, 3)]  # on two cores
     assert _threads(shared).startswith("1 thread a run, 3 runs at once sharing 2 cores: full")
+    # five runs three at a time: the last two went two at once, each with a core of its own
+    spans = [(0, 100), (0, 101), (0, 102), (100, 160), (101, 162)]
+    five = [run(f"s{i}", 1, 3) | {"timing": {"started": a, "finished": b}, "machine": {"cpus": 2}}
+            for i, (a, b) in enumerate(spans)]  # fmt: skip
+    assert _threads(five) == (
+        "1 thread a run, 3 runs at once sharing 2 cores: s0 seed 42, s1 seed 42, s2 seed 42; "
+        "1 thread a run, 2 runs at once: s3 seed 42, s4 seed 42 (training times compare only "
+        "between runs that ran alike)"
+    )
     assert _threads([{"strategy": "full", "seed": 1}]) == "not recorded"
     assert _threads([run("full", 4, None)]) == "4 threads a run"  # a Ray task's

@@ -129,6 +129,7 @@ def _products(runs: list[dict]) -> str:
 def _threads(runs: list[dict]) -> str:
     """Each run's threads and how many runs went at once, run by run where they differ:
     training times compare between runs that ran alike."""
+    beside = _overlap(runs)
 
     def label(r: dict) -> str:
         if r.get("threads") is None:
@@ -137,6 +138,7 @@ def _threads(runs: list[dict]) -> str:
         at_once, cpus = r.get("runs_at_once"), (r.get("machine") or {}).get("cpus")
         if at_once is None:
             return threads
+        at_once = min(at_once, beside.get(id(r), at_once))  # a last round may hold fewer
         if at_once <= 1:
             return threads + ", one run at a time"
         shared = cpus and at_once * r["threads"] > cpus  # the OS shares the cores out
@@ -144,6 +146,22 @@ def _threads(runs: list[dict]) -> str:
 
     text, differ = _by_run(runs, label)
     return text + (" (training times compare only between runs that ran alike)" if differ else "")
+
+
+def _overlap(runs: list[dict]) -> dict[int, int]:
+    """How many runs were going, on average over each run's time, itself included (runs with
+    their wall-clock start and end; keyed by id)."""
+    spans = {id(r): (t["started"], t["finished"]) for r in runs
+             if "started" in (t := r.get("timing") or {}) and "finished" in t}  # fmt: skip
+    found = {}
+    for key, (start, end) in spans.items():
+        if end <= start:
+            continue
+        shared = sum(
+            max(0.0, min(end, e) - max(start, s)) for k, (s, e) in spans.items() if k != key
+        )
+        found[key] = round(1 + shared / (end - start))
+    return found
 
 
 def _setup(first: dict, runs: list[dict]) -> list[tuple[str, str]]:
