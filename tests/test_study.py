@@ -374,7 +374,8 @@ def test_a_run_that_finds_the_base_generations_being_made_trains_and_takes_them_
     stored = tmp_path / "base_generations.json"
     made = json.loads(stored.read_text())
     stored.unlink()
-    with open(str(stored) + ".lock", "a") as lock:  # another run of the study is making them
+    lock_file = stored.with_name(f".{stored.name}.lock")
+    with open(lock_file, "a") as lock:  # another run of the study is making them
         fcntl.flock(lock, fcntl.LOCK_EX)
 
         def finish():  # ... and stores them once this run is training

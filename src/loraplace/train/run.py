@@ -137,7 +137,7 @@ def _once_per_study(path: Path, key: dict, field: str, compute, wait: bool = Tru
     cached = _cached(path, key, field)
     if cached is not None:
         return cached
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
