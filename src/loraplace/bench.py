@@ -131,7 +131,7 @@ def render(report: dict) -> str:
             + (f", {threads} thread{'s' if threads != 1 else ''} each" if threads else "")
             + " (as `loraplace study` chooses here): a run's times and rates are its share of "
             "the machine, so speedups are the study's, end to end (total row; its tok/s and "
-            "MFU sum the runs'), against the plain runs one after another."
+            "MFU over the study's wall time), against the plain runs one after another."
         )
     return head + "\n\n" + table + "\n\n" + render_fixed_costs(report["rows"])
 
@@ -268,7 +268,8 @@ def _run_both(cfg: StudyConfig, strategies, out: Path, log) -> tuple[dict[str, d
 
 def _total(rows: list[dict], peak: float, tokens_per_run: float, study_wall: float) -> dict:
     """The totals row: times summed (loraplace's wall: its study's), memory the largest,
-    throughput over all training time, or summed over runs that went at once."""
+    throughput over all training time, or, for runs that went at once, over the study's wall
+    time (their training overlapped: their times do not add up)."""
     total = {"strategy": "total"}
     for key in ("plain_wall_s", "plain_train_s", "loraplace_train_s",
                 "plain_outside_train_s", "loraplace_outside_train_s"):  # fmt: skip
@@ -279,12 +280,12 @@ def _total(rows: list[dict], peak: float, tokens_per_run: float, study_wall: flo
     for tag in ("plain", "loraplace"):
         total[f"{tag}_peak_memory_mb"] = max(r[f"{tag}_peak_memory_mb"] or 0 for r in rows)
         train_s = sum(r[f"{tag}_train_s"] or 0 for r in rows)
+        gflop = sum((r[f"{tag}_gflops"] or 0) * (r[f"{tag}_train_s"] or 0) for r in rows)
         if tag == "loraplace" and concurrent:
-            total[f"{tag}_gflops"] = sum(r[f"{tag}_gflops"] or 0 for r in rows)
-            total[f"{tag}_tokens_per_s"] = sum(r[f"{tag}_tokens_per_s"] or 0 for r in rows)
+            total[f"{tag}_gflops"] = gflop / study_wall
+            total[f"{tag}_tokens_per_s"] = tokens_per_run * len(rows) / study_wall
             total[f"{tag}_mfu_pct"] = 100 * total[f"{tag}_gflops"] / peak
             continue
-        gflop = sum((r[f"{tag}_gflops"] or 0) * (r[f"{tag}_train_s"] or 0) for r in rows)
         total[f"{tag}_gflops"] = gflop / train_s if train_s else None
         total[f"{tag}_mfu_pct"] = 100 * total[f"{tag}_gflops"] / peak if train_s else None
         total[f"{tag}_tokens_per_s"] = tokens_per_run * len(rows) / train_s if train_s else None
