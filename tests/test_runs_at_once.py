@@ -62,3 +62,16 @@ def test_the_plan_on_a_cpu_a_gpu_and_as_set(monkeypatch):
     assert local_plan(StudyConfig(runs_per_device="auto"), 4, prepared("cuda")) == (None, None)
     monkeypatch.setattr(runner, "available_mb", lambda: 4 * GB)  # 2 x (3 x 500 + 1,024) MB needed
     assert local_plan(cfg, 4, prepared()) == (1, None)
+
+
+def test_the_eta_counts_rounds_of_runs_at_once():
+    from loraplace.runner import _Progress
+
+    lines = []
+    progress = _Progress(5, lines.append)
+    progress.at_once = 3
+    for name in ("a", "b", "c"):
+        progress.begin(name, 42)
+    progress.end("a", 42, 60.0, {"status": "ok"})
+    progress.begin("d", 42)  # four runs left, 60 s each, three at a time: two rounds
+    assert lines[-1].endswith("ETA 2m00s)")

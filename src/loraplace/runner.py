@@ -326,7 +326,7 @@ def run_local(
         results.append(_run_one(todo[0], cfg, out, 1, progress))
         at_once = runs_that_fit(results[0], cfg)
         todo = todo[1:]
-    at_once = at_once or 1
+    at_once = progress.at_once = at_once or 1
     if at_once <= 1:
         return results + [_run_one(spec, cfg, out, 1, progress) for spec in todo]
     threads = todo[0].get("threads") if todo else None
@@ -354,14 +354,14 @@ class _Progress:
 
     def __init__(self, total: int, log) -> None:
         self.total, self.log, self.started, self.durations = total, log, time.perf_counter(), []
-        self.count, self.lock = 0, threading.Lock()
+        self.count, self.lock, self.at_once = 0, threading.Lock(), 1
 
     def begin(self, name: str, seed: int) -> None:
         with self.lock:
             self.count += 1
             left = self.total - len(self.durations)
-            eta = (f", ETA {_fmt(sum(self.durations) / len(self.durations) * left)}"
-                   if self.durations else "")  # fmt: skip
+            mean = sum(self.durations) / len(self.durations) if self.durations else 0.0
+            eta = f", ETA {_fmt(mean * -(-left // self.at_once))}" if self.durations else ""
             elapsed = _fmt(time.perf_counter() - self.started)
             self.log(f"run {self.count}/{self.total}: {name} seed {seed} (elapsed {elapsed}{eta})")
 
