@@ -79,7 +79,7 @@ class StudyConfig:
     attention: str = "auto"  # auto (flash_attention_2 on CUDA where installed, else sdpa) | sdpa | eager | flash_attention_2
     liger_kernel: bool = False  # CUDA: Liger Kernel's fused functions through the Trainer
     # runs at once on the device, each its own process. None: on a CPU, two with half the cores
-    # each (three one-thread runs sharing two cores, for an odd count) where that ends the study
+    # each (a 3-run study on two cores: all three, sharing them) where that ends the study
     # sooner (runner.cpu_runs_at_once), else one; auto: that on a CPU, and on a GPU as many as
     # fit beside the first run's peak memory
     runs_per_device: str | None = None

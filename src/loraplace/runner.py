@@ -250,13 +250,14 @@ def cpu_runs_at_once(
     memory holds them all; else one.
 
     Two at once take half the cores each, a round of two `gain` times as long as one run with
-    every core. Where that is one thread each, one run more than the cores also goes: the
-    cores shared out among `cores + 1` one-thread runs, so that an odd number of runs keeps
-    every core busy (three runs on two cores in one round, not two rounds). Every run of such
-    a study gets the same threads, a last run alone too, so their training times compare."""
+    every core. Where that is one thread each and the study has one run more than the cores,
+    all of them also go at once, the cores shared out (three runs on two cores in one round,
+    not two rounds that leave a core idle): only as the study's one round, since runs of a
+    later round would each have a core and train faster than the first round's. Every run of
+    such a study gets the same threads, a last run alone too, so their training times compare."""
     if runs < 2 or cores < 2 or free_mb is None:
         return 1
-    options = [2] + ([cores + 1] if cores // 2 == 1 else [])
+    options = [2] + ([runs] if cores // 2 == 1 and runs == cores + 1 else [])
     times = {k: study_time(runs, k, cores, gain) for k in options if free_mb >= k * run_mb}
     best = min(times, key=lambda k: (times[k], k), default=1)
     return best if best > 1 and times[best] <= 0.95 * runs else 1
