@@ -205,7 +205,7 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
         "paths": describe_paths(prepared.paths, prepared.products),
         "train_tokens_per_epoch": sum(lengths),
         "rows": rows,
-        "total": _total(rows, peak, sum(lengths) * cfg.epochs, study_wall),
+        "total": _total(rows, peak, sum(lengths) * cfg.epochs, study_wall, not _alone(first)),
         "loraplace_runs_at_once": first.get("runs_at_once"),
         "loraplace_threads": first.get("threads"),
         "config": cfg.to_dict(),
@@ -266,7 +266,9 @@ def _run_both(cfg: StudyConfig, strategies, out: Path, log) -> tuple[dict[str, d
     return results, study_wall
 
 
-def _total(rows: list[dict], peak: float, tokens_per_run: float, study_wall: float) -> dict:
+def _total(
+    rows: list[dict], peak: float, tokens_per_run: float, study_wall: float, concurrent: bool
+) -> dict:
     """The totals row: times summed (loraplace's wall: its study's), memory the largest,
     throughput over all training time, or, for runs that went at once, over the study's wall
     time (their training overlapped: their times do not add up)."""
@@ -276,7 +278,6 @@ def _total(rows: list[dict], peak: float, tokens_per_run: float, study_wall: flo
         total[key] = sum(r[key] or 0 for r in rows)
     total["loraplace_wall_s"] = study_wall
     total["speedup"] = total["plain_wall_s"] / study_wall
-    concurrent = any(r["speedup"] is None for r in rows)
     for tag in ("plain", "loraplace"):
         total[f"{tag}_peak_memory_mb"] = max(r[f"{tag}_peak_memory_mb"] or 0 for r in rows)
         train_s = sum(r[f"{tag}_train_s"] or 0 for r in rows)

@@ -361,8 +361,9 @@ class _Progress:
         with self.lock:
             self.count += 1
             left = self.total - len(self.durations)
-            mean = sum(self.durations) / len(self.durations) if self.durations else 0.0
-            eta = f", ETA {_fmt(mean * -(-left // self.at_once))}" if self.durations else ""
+            rounds = -(-left // self.at_once)  # runs at once end together
+            eta = (f", ETA {_fmt(sum(self.durations) / len(self.durations) * rounds)}"
+                   if self.durations else "")  # fmt: skip
             elapsed = _fmt(time.perf_counter() - self.started)
             self.log(f"run {self.count}/{self.total}: {name} seed {seed} (elapsed {elapsed}{eta})")
 
