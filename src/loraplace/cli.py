@@ -13,19 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from loraplace.core.errors import UserError
-
-
-def _quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+from loraplace.core.quiet import quiet_libraries
 
 
 def cmd_plan(args) -> int:
@@ -336,7 +327,7 @@ def _resume_hint(args, argv: list[str] | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _quiet()
+        quiet_libraries()
         return args.func(args)
     except UserError as err:
         print(f"loraplace: error: {err}", file=sys.stderr)

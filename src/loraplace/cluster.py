@@ -298,9 +298,10 @@ if __name__ == "__main__":  # a run on a node: train.py's run, ended with its ta
     from loraplace.core.results import die_with_parent
 
     die_with_parent()
-    from loraplace.train.run import _quiet, run_spec_file
+    from loraplace.core.quiet import quiet_libraries
+    from loraplace.train.run import run_spec_file
 
-    _quiet()
+    quiet_libraries()
     spec_path = Path(sys.argv[1])
     spec = json.loads(spec_path.read_text())
     if (local := paths_here(spec)) is not spec:

@@ -699,19 +699,10 @@ def memory_exhausted(headroom_mb: int = 256) -> bool:
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _quiet() -> None:
-    import warnings
-
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-
-
 if __name__ == "__main__":
-    _quiet()
+    from loraplace.core.quiet import quiet_libraries
+
+    quiet_libraries()
     die_with_parent()
     try:
         sys.exit(run_spec_file(Path(sys.argv[1])))

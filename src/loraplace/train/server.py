@@ -200,9 +200,9 @@ def _finish_loggers() -> None:
 
 
 if __name__ == "__main__":
-    from loraplace.train.run import _quiet
+    from loraplace.core.quiet import quiet_libraries
 
-    _quiet()
+    quiet_libraries()
     with os.fdopen(int(sys.argv[1]), "w") as reply_pipe:
         serve(sys.stdin, reply_pipe)
     sys.exit(0)
