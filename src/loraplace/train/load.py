@@ -36,6 +36,8 @@ def load_model(
     model = _hub_call(source, AutoModelForCausalLM.from_pretrained, path, dtype=dtype, **kwargs)
     if source.kind == "gguf" and quantize == "none":  # de-quantized GGUF, not a bitsandbytes base
         clear_quantized_flag(model)
+    if quantize == "4bit":
+        keep_4bit_differentiable(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -53,3 +55,15 @@ def bnb_config(quantize: str, compute: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
     )
+
+
+def keep_4bit_differentiable(model) -> None:
+    """Turn off bitsandbytes' AVX-512 BF16 inference layout for 4-bit weights.
+
+    On CPUs with AVX-512 BF16, a 4-bit layer's first forward without gradients (the base
+    evaluation) repacks its weights for a kernel that has no backward pass, and every later
+    forward, training's too, goes through that kernel; it also fails on layers narrower than
+    one quantization block. LoRA needs the input gradient through every frozen layer."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
