@@ -325,3 +325,47 @@ def test_a_dead_node_s_run_is_retried_on_another(two_nodes, tiny_gpt2_dir, tmp_p
     assert dead[0] not in {r["node"]["ray_id"] for r in results}
     assert eval_losses(out) == eval_losses(local_results)
     assert sum("finished" in line for line in lines) == 2
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_relative_data_path_reaches_nodes_that_do_not_share_the_drivers_folder(
+    two_nodes, tiny_gpt2_dir, tmp_path, monkeypatch, local_results
+):
+    import json
+
+    cluster, _ = two_nodes
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mydata.json").write_text(json.dumps(json.loads(ALPACA_HEAD.read_text())[:110]))
+    monkeypatch.chdir(project)  # the runs train in their nodes' temporary folders, not here
+    out = tmp_path / "out"
+    cfg = config(tiny_gpt2_dir, executor="ray", ray_address=cluster.address, data="mydata.json")
+    lines = []
+    run_study(cfg, out, log=lines.append)
+    results = load_results(out)
+    assert [r["status"] for r in results] == ["ok", "ok"], lines
+    assert eval_losses(out) == eval_losses(local_results)  # the same rows, shipped
+    assert {r["config"]["data"] for r in results} == {"mydata.json"}  # as the user gave it
+    lines = []
+    run_study(cfg, out, log=lines.append)  # the same command again: nothing to do
+    assert any("2 already done" in line for line in lines)
+
+
+def test_shipped_data_arrives_whole_or_not_at_all(tmp_path):
+    from loraplace.cluster import RunProcessDied, data_payload, unpack_data
+
+    folder = tmp_path / "saved"
+    (folder / "train").mkdir(parents=True)
+    (folder / "train" / "data-00000-of-00001.arrow").write_bytes(b"\x00arrow")
+    (folder / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    payload = data_payload(str(folder))
+    copy = unpack_data(payload, tmp_path / "node")
+    assert copy.name == "saved" and (copy / "train" / "data-00000-of-00001.arrow").read_bytes() == (
+        b"\x00arrow"
+    )
+    assert unpack_data(payload, tmp_path / "node") == copy  # one copy per study on a node
+    assert data_payload("embedded") is None and data_payload("tatsu-lab/alpaca") is None
+    damaged = payload | {"bytes": payload["bytes"][:-1] + b"!"}
+    with pytest.raises(RunProcessDied, match="arrived damaged"):
+        unpack_data(damaged, tmp_path / "other")

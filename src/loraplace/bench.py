@@ -84,8 +84,14 @@ def _row(name: str, plain: dict, fast: dict, peak: float, flops: tuple[float, fl
         # a run's fixed cost: everything but training (load, checks, evaluations, saving)
         row[f"{tag}_outside_train_s"] = r["wall_s"] - m["train_time_s"] if m else None
         row[f"{tag}_phases_s"] = r.get("phases_s")
-    # runs that went at once shared the machine: only the study's total compares end to end
-    row["speedup"] = plain["wall_s"] / fast["wall_s"] if _alone(fast) else None
+    # runs that went at once shared the machine: only the study's total compares end to end;
+    # a run that failed gives no speedup (it ended early, not fast)
+    ok = plain.get("status") == "ok" and fast.get("status") == "ok"
+    row["speedup"] = plain["wall_s"] / fast["wall_s"] if ok and _alone(fast) else None
+    row["status"] = "ok" if ok else "failed: " + "; ".join(
+        f"{tag} {r.get('error')}" for tag, r in (("plain", plain), ("loraplace", fast))
+        if r.get("status") != "ok"
+    )  # fmt: skip
     if plain.get("metrics") and fast.get("metrics"):
         a, b = plain["metrics"]["eval_loss"], fast["metrics"]["eval_loss"]
         row["eval_loss_diff_pct"] = 100 * (b - a) / a
@@ -186,7 +192,7 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
         f"bench: float32 matmul peak {peak:.0f} GFLOP/s; {len(strategies)} strategies, plain one by one, loraplace as one study after the first"
     )
     lengths = _train_lengths(cfg)
-    results, study_wall = _run_both(cfg, strategies, out, log)
+    results, study_wall = _run_both(cfg, strategies, out, log, prepared.paths["precision"])
     rows = []
     for s in strategies:
         plain, fast = results["plain"][s.name], results["loraplace"][s.name]
@@ -226,7 +232,9 @@ def _train_lengths(cfg: StudyConfig) -> list[int]:
     return [len(e.input_ids) for e in tokenize(rows, tokenizer, cfg.max_length, cfg.loss_on)]
 
 
-def _run_both(cfg: StudyConfig, strategies, out: Path, log) -> tuple[dict[str, dict], float]:
+def _run_both(
+    cfg: StudyConfig, strategies, out: Path, log, precision: str = "float32"
+) -> tuple[dict[str, dict], float]:
     """({"plain": {strategy: result}, "loraplace": {...}}, loraplace's study wall time), each
     result with its run's wall time. The plain path runs the placements one after another,
     each a study of its own, as the seed's scripts do; loraplace runs them as one study."""
@@ -253,10 +261,12 @@ def _run_both(cfg: StudyConfig, strategies, out: Path, log) -> tuple[dict[str, d
             r["wall_s"] = timing.get("finished", 0.0) - timing.get("started", 0.0)
         return {r["strategy"]: r for r in found}, time.perf_counter() - start
 
+    # the plain pipeline computes in loraplace's precision (bf16 on a GPU): a speedup is never
+    # one precision against another
+    plain_cfg = replace(cfg.plain(), precision=precision)
+
     def plain(s) -> None:  # a ranked strategy needs the others to be planned
-        found, wall = study(
-            "plain", cfg.plain(), [s.name] if not s.rank_by_role else cfg.strategies
-        )
+        found, wall = study("plain", plain_cfg, [s.name] if not s.rank_by_role else cfg.strategies)
         results["plain"][s.name] = found[s.name] | {"wall_s": wall}  # the script, as one waits
 
     plain(strategies[0])
@@ -277,7 +287,8 @@ def _total(
                 "plain_outside_train_s", "loraplace_outside_train_s"):  # fmt: skip
         total[key] = sum(r[key] or 0 for r in rows)
     total["loraplace_wall_s"] = study_wall
-    total["speedup"] = total["plain_wall_s"] / study_wall
+    failed = any(r.get("status", "ok") != "ok" for r in rows)
+    total["speedup"] = None if failed else total["plain_wall_s"] / study_wall
     for tag in ("plain", "loraplace"):
         total[f"{tag}_peak_memory_mb"] = max(r[f"{tag}_peak_memory_mb"] or 0 for r in rows)
         train_s = sum(r[f"{tag}_train_s"] or 0 for r in rows)

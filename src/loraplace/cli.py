@@ -36,7 +36,9 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(to_json(plan), indent=2))
     else:
-        print(render(plan, cfg.rank, cfg.alpha, cfg.dropout, cfg.bias, cfg.precision, cfg.quantize))
+        tokens = cfg.batch_size * cfg.grad_accum * cfg.max_length  # a step's, packed on a GPU
+        print(render(plan, cfg.rank, cfg.alpha, cfg.dropout, cfg.bias, cfg.precision,
+                     cfg.quantize, tokens))  # fmt: skip
     return 0
 
 

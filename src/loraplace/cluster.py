@@ -16,12 +16,15 @@ reason (a diverged loss) returns its failed result and is not tried again.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -132,9 +135,64 @@ def _files(root: Path) -> tuple[dict[str, bytes], list[str]]:
     return files, folders
 
 
-def train_on_node(spec: dict, study: str, threads: int) -> dict:
+def data_payload(data: str) -> dict | None:
+    """The study's local data (a file, or a folder such as `datasets`' save_to_disk makes) as
+    bytes for the object store, with a checksum; None for `embedded` and hub ids, which every
+    node resolves itself. Nodes share no filesystem with the driver, or its working folder."""
+    path = Path(data).expanduser()
+    if path.is_file():
+        content, kind = path.read_bytes(), "file"
+    elif path.is_dir():
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            tar.add(path, arcname=path.name)
+        content, kind = buffer.getvalue(), "folder"
+    else:
+        return None
+    return {"name": path.name, "kind": kind, "bytes": content,
+            "sha256": hashlib.sha256(content).hexdigest()}  # fmt: skip
+
+
+def unpack_data(payload: dict, root: Path) -> Path:
+    """The driver's data, written on this node as it was there, under `root` in a folder named
+    by its checksum (checked first), so the study's runs on a node share one copy (and the
+    untrained model's evaluation, which is keyed by the data's path)."""
+    if hashlib.sha256(payload["bytes"]).hexdigest() != payload["sha256"]:
+        raise RunProcessDied("the study's data arrived damaged on this node (checksum differs)")
+    target = root / payload["sha256"][:16] / payload["name"]
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if payload["kind"] == "file":
+        write_bytes_atomic(target, payload["bytes"])
+        return target
+    unpacked = Path(tempfile.mkdtemp(dir=target.parent, prefix=".unpack-"))
+    with tarfile.open(fileobj=io.BytesIO(payload["bytes"])) as tar:
+        tar.extractall(unpacked, filter="data")
+    try:
+        os.replace(unpacked / payload["name"], target)  # another run's copy may be there first
+    except OSError:
+        pass
+    shutil.rmtree(unpacked, ignore_errors=True)
+    return target
+
+
+def gpu_share_note(gpus: float, need) -> str | None:
+    """What a run's fraction of a GPU must hold, from the plan's estimate (`plan.memory`); None
+    for whole GPUs. Ray shares a GPU by count, not by memory: runs that need more than their
+    share of it run out of memory."""
+    if not 0 < gpus < 1 or need is None:
+        return None
+    return (
+        f"each run takes {gpus:g} of a GPU and needs {need.describe()}: "
+        f"{round(1 / gpus)} at once fit on a GPU of {need.total_mb / gpus:,.0f} MB or more"
+    )
+
+
+def train_on_node(spec: dict, study: str, threads: int, data: dict | None = None) -> dict:
     """(A Ray task, on a node) Train one run in a temporary folder laid out like OUT.
 
+    `data`: the study's local data, shipped through the object store (`data_payload`).
     Returns its result (with the node it ran on), every file it made by its path relative to
     OUT, its folders, the temporary folder it used (deleted by then) and its wall time.
     Raises `RunProcessDied` where the run's process ended without a result (Ray retries).
@@ -154,6 +212,9 @@ def train_on_node(spec: dict, study: str, threads: int) -> dict:
         folder = run_dir(root, name, seed)
         folder.mkdir(parents=True)
         local = spec | {"run_dir": str(folder), "base_eval": str(cache)}
+        if data is not None:  # read from this node's copy; the result keeps the study's name
+            copy = unpack_data(data, cache.parent.parent / "loraplace-data" / study)
+            local["config"] = spec["config"] | {"data": str(copy)}
         write_json(folder / SPEC, local)
         env = _env(cfg, root, f"{name}-seed-{seed}")
         env["WANDB_RUN_GROUP"] = os.environ.get("WANDB_RUN_GROUP", study)
@@ -221,6 +282,7 @@ def store(out: Path, spec: dict, payload: dict) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
     result = {k: v for k, v in payload["result"].items() if k != "checksum"}
+    result["config"] = spec["config"]  # the study's, not the node's copy of its data's path
     write_result(Path(spec["run_dir"]) / "result.json", result)  # checksummed with its node
     return result
 
@@ -231,19 +293,22 @@ def study_id(out: Path) -> str:
     return f"{resolved.name}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:12]}"
 
 
-def run_on_ray(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list[dict]:
+def run_on_ray(
+    todo: list[dict], cfg: StudyConfig, out: Path, log=print, gpu_run=None
+) -> list[dict]:
     """Run the specs in `todo` as Ray tasks, all at once as far as the cluster has room; their
-    results, in the order they finished, each also written to its run folder under OUT."""
+    results, in the order they finished, each also written to its run folder under OUT.
+    `gpu_run`: a GPU run's estimated memory (`plan.memory.RunMemory`), for fractional GPUs."""
     ray = require_ray()
     started_here = connect(ray, cfg)
     try:
-        return _run(ray, todo, cfg, Path(out), log)
+        return _run(ray, todo, cfg, Path(out), log, gpu_run)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
+def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log, gpu_run=None) -> list[dict]:
     cpus, gpus = run_resources(ray, cfg)
     threads = cfg.threads or max(1, math.floor(cpus))
     alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -253,8 +318,13 @@ def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
         f"{_n(total.get('GPU', 0), 'GPU')}); each run {_n(cpus, 'CPU')}, {_n(gpus, 'GPU')}, "
         f"up to {_n(cfg.max_retries, 'retry', 'retries')}"
     )
+    share = gpu_share_note(gpus, gpu_run)
+    if share:
+        log(f"ray: {share}")
     task = ray.remote(train_on_node)
     study = study_id(out)
+    payload = data_payload(cfg.data)
+    data = ray.put(payload) if payload else None  # once for every task, by reference
     pending = {}
     for spec in todo:  # as the local executor leaves it: the spec, no result until it is back
         folder = Path(spec["run_dir"])
@@ -267,7 +337,7 @@ def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
             max_retries=cfg.max_retries,
             retry_exceptions=[RunProcessDied],
             name=f"loraplace:{spec['strategy']['name']}-seed-{spec['seed']}",
-        ).remote(spec, study, threads)
+        ).remote(spec, study, threads, data)
         pending[ref] = spec
     started, results = time.perf_counter(), []
     while pending:

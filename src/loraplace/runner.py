@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import threading
 import time
@@ -53,6 +54,7 @@ class Prepared:
     plans: dict[str, dict]  # strategy name -> its placement: module path -> rank, and the count
     shapes: tuple = ((), None)  # (decoder product shapes, head shape): for `measure_products`
     base_mb: float = 0.0  # the base's float32 weights
+    gpu_run: object = None  # plan.memory.RunMemory: a GPU run's estimated memory
 
 
 def prepare(cfg: StudyConfig, products: bool = True) -> Prepared:
@@ -62,6 +64,7 @@ def prepare(cfg: StudyConfig, products: bool = True) -> Prepared:
     runs' threads)."""
     from loraplace.data.rows import load_rows
     from loraplace.plan.budget import equalize
+    from loraplace.plan.memory import shape_of
     from loraplace.plan.models import meta_model, resolve
     from loraplace.plan.placement import place
     from loraplace.plan.roles import classify
@@ -86,10 +89,35 @@ def prepare(cfg: StudyConfig, products: bool = True) -> Prepared:
         load_rows(cfg.data, split)
     shapes = _shapes(modules, meta)
     base_mb = sum(p.numel() for p in meta.parameters()) * 4 / 2**20
+    gpu_run = gpu_run_memory(cfg, paths, shape_of(meta, modules), plans)
     if paths is None:
-        return Prepared(strategies, None, {}, plans, shapes, base_mb)
+        return Prepared(strategies, None, {}, plans, shapes, base_mb, gpu_run)
     found = measure_products(cfg, paths, shapes, cfg.threads) if products else {}
-    return Prepared(strategies, paths.to_dict(), found, plans, shapes, base_mb)
+    return Prepared(strategies, paths.to_dict(), found, plans, shapes, base_mb, gpu_run)
+
+
+def gpu_run_memory(cfg: StudyConfig, paths, shape, plans: dict):
+    """What a GPU run of the study's largest placement holds (`plan.memory`), in the
+    precision it resolved on a GPU here (bf16 for a cluster's GPUs); a base whose weights and
+    CUDA context alone exceed this machine's smallest GPU is refused in one sentence."""
+    from loraplace.fast.hardware import Machine
+    from loraplace.plan.memory import run_memory
+    from loraplace.train.run import pack_rows
+
+    on_gpu = paths is not None and paths.device == "cuda"
+    precision = paths.precision if on_gpu else "bf16"
+    largest = max((p["trainable_params"] for p in plans.values()), default=0)
+    need = run_memory(shape, largest, pack_rows(cfg, "cuda"), precision, cfg.quantize)
+    cards = Machine.here().gpus if on_gpu else ()
+    if cards:
+        smallest = min(cards, key=lambda g: g.total_mb)
+        if need.weights_mb + need.context_mb > smallest.total_mb:
+            raise UserError(
+                f"the base's weights need {need.weights_mb:,.0f} MB in {precision} (and "
+                f"{need.context_mb:,.0f} MB of CUDA context) and the GPU {smallest.name} has "
+                f"{smallest.total_mb:,.0f} MB; use quantize 4bit or 8bit, or a larger GPU"
+            )
+    return need
 
 
 def plan_record(placement) -> dict:
@@ -114,7 +142,7 @@ def measure_products(cfg: StudyConfig, paths, shapes: tuple, threads: int | None
     from loraplace.train.run import pack_rows
 
     paths = paths if isinstance(paths, Paths) else Paths.from_dict(paths)
-    return products_for(paths, *shapes, pack_rows(cfg), ROWS, threads)
+    return products_for(paths, *shapes, pack_rows(cfg, paths.device), ROWS, threads)
 
 
 def check_writable(out: Path) -> None:
@@ -174,9 +202,12 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         from loraplace.cluster import require_ray
 
         require_ray()
-    elif server.uses_worker(cfg.reuse_process):  # its imports overlap the checks below
+    elif server.uses_worker(cfg.reuse_process, likely_device(cfg)):  # imports overlap checks
         server.start_worker()
     prepared = prepare(cfg, products=False)
+    device = (prepared.paths or {}).get("device", "cpu")
+    if not server.uses_worker(cfg.reuse_process, device):
+        server.close_worker(timeout=0)  # started for a CPU study that runs elsewhere
     strategies = prepared.strategies
     check_writable(out)
     acquire(out, "study", log)  # until the CLI lets go (lock.release) or this process ends
@@ -204,7 +235,8 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     log(
         f"study: {len(jobs)} runs ({len(strategies)} strategies x {len(cfg.seeds)} seeds), {len(jobs) - len(todo)} already done"
     )
-    at_once, threads = local_plan(cfg, len(todo), prepared) if cfg.executor != "ray" else (1, None)
+    schedule = local_plan(cfg, len(todo), prepared) if cfg.executor != "ray" else Schedule(1)
+    threads = schedule.threads
     if prepared.paths:  # timed with the threads each run will have
         prepared.products = measure_products(
             cfg, prepared.paths, prepared.shapes, threads or cfg.threads
@@ -217,23 +249,45 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
             spec["threads"] = threads
     for line in idle_fast_paths(cfg):
         log(f"note: {line}")
-    if at_once and at_once > 1 and server.uses_worker(cfg.reuse_process):
-        server.start_worker(at_once)
-    execute(todo, cfg, out, log, at_once)
+    if schedule.at_once > 1 and server.uses_worker(cfg.reuse_process, device):
+        server.start_worker(schedule.at_once)
+    execute(todo, cfg, out, log, schedule, prepared.gpu_run)
     wanted = {(s.name, seed) for s, seed in jobs}
     return [r for r in load_results(out) if (r["strategy"], r["seed"]) in wanted]
 
 
+def likely_device(cfg: StudyConfig) -> str:
+    """The device a study will run on, guessed before its checks without initialising CUDA
+    (the study may start its fork server early, for CPU runs only)."""
+    from loraplace.fast import gpus
+
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if gpus.count() else "cpu"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a study's runs go on this machine: `at_once` at a time, each with `threads` (None:
+    torch's own), and on CUDA each holding one of `gpus` (a GPU's id, as CUDA_VISIBLE_DEVICES
+    names it, once per run it may hold at a time) while it runs."""
+
+    at_once: int
+    threads: int | None = None
+    gpus: tuple[str, ...] = ()
+
+
 def execute(
-    todo: list[dict], cfg: StudyConfig, out: Path, log=print, at_once: int | None = 1
-) -> list[dict]:
+    todo: list[dict], cfg: StudyConfig, out: Path, log=print, schedule: Schedule | None = None,
+    gpu_run=None,
+) -> list[dict]:  # fmt: skip
     """Run the specs in `todo` with the config's executor; their results, each also written
     to its run folder under OUT."""
     if cfg.executor == "ray" and todo:  # nothing to do: no cluster to join
         from loraplace.cluster import run_on_ray
 
-        return run_on_ray(todo, cfg, out, log)
-    return run_local(todo, cfg, out, log, at_once)
+        return run_on_ray(todo, cfg, out, log, gpu_run)
+    return run_local(todo, cfg, out, log, schedule or Schedule(1))
 
 
 # How many times longer a CPU run with half the cores takes, beside another such run, than a
@@ -294,21 +348,43 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def local_plan(cfg: StudyConfig, runs: int, prepared: Prepared) -> tuple[int | None, int | None]:
-    """(runs at once, threads each; None: torch's own) on this machine: `runs_per_device` as
-    set; unset, `cpu_runs_at_once` on a CPU where `threads` is not set, else one. None runs
-    at once is a GPU's `auto`: decided after its first run (`run_local`)."""
+def local_plan(cfg: StudyConfig, runs: int, prepared: Prepared) -> Schedule:
+    """How this machine runs the study's `runs`: on a CPU, `runs_per_device` as set, else
+    `cpu_runs_at_once` where `threads` is not set; on CUDA, one GPU a run, every GPU busy
+    (`runs_per_device` runs a GPU where set, as many as fit where auto, else one)."""
     setting, device = cfg.runs_per_device, (prepared.paths or {}).get("device", "cpu")
+    if device == "cuda":
+        return gpu_schedule(setting, runs, prepared.gpu_run.total_mb)
     if setting not in (None, "auto"):
         at_once = int(setting)
-    elif device != "cpu":
-        return (None if setting == "auto" else 1), None
-    elif cfg.threads:
+    elif device != "cpu" or cfg.threads:
         at_once = 1
     else:
         free, need = available_mb(), run_memory_mb(prepared.base_mb)
         at_once = cpu_runs_at_once(runs, cpu_cores(), free, need)
-    return at_once, (cores_each(at_once) if at_once > 1 and not cfg.threads else None)
+    return Schedule(at_once, cores_each(at_once) if at_once > 1 and not cfg.threads else None)
+
+
+def gpu_schedule(setting: str | None, runs: int, run_mb: float) -> Schedule:
+    """Every visible GPU busy, one run on each at a time, or `setting` runs on each (auto: as
+    many as fit beside each other, `gpu_runs_that_fit`), the GPUs taken round robin. Every run
+    of the study runs beside as many others as the first, so their times compare."""
+    from loraplace.fast.hardware import Machine
+
+    cards = Machine.here().gpus
+    if setting == "auto":
+        each = gpu_runs_that_fit(min(g.free_mb for g in cards), run_mb)
+    else:
+        each = int(setting) if setting else 1
+    slots = tuple(g.id for _ in range(each) for g in cards)
+    return Schedule(max(1, min(len(slots), runs)), None, slots)
+
+
+def gpu_runs_that_fit(free_mb: float, run_mb: float, most: int = 8) -> int:
+    """Runs that fit on one GPU at once: `run_mb` is a run's estimated need with its own CUDA
+    context and the allocator's reserve (`plan.memory.run_memory`); 10 % of the free memory is
+    kept free; at most `most`, at least one."""
+    return max(1, min(most, int(0.9 * free_mb // run_mb))) if run_mb > 0 else 1
 
 
 def cores_each(at_once: int) -> int:
@@ -317,37 +393,31 @@ def cores_each(at_once: int) -> int:
 
 
 def run_local(
-    todo: list[dict], cfg: StudyConfig, out: Path, log=print, at_once: int | None = 1
+    todo: list[dict], cfg: StudyConfig, out: Path, log=print, schedule: Schedule = Schedule(1)
 ) -> list[dict]:
-    """Run the specs on this machine, each in a process of its own: `at_once` at a time
-    (None: the first alone, then as many as fit beside its peak memory)."""
+    """Run the specs on this machine, each in a process of its own, `schedule.at_once` at a
+    time; on CUDA each run sees one GPU, taken from the schedule's while it runs."""
     progress = _Progress(len(todo), log)
-    results = []
-    if at_once is None and todo:
-        results.append(_run_one(todo[0], cfg, out, 1, progress))
-        at_once = runs_that_fit(results[0], cfg)
-        todo = todo[1:]
-    at_once = progress.at_once = at_once or 1
+    at_once = progress.at_once = max(1, schedule.at_once)
+    free = queue.SimpleQueue()  # a slot a run holds while it runs: its GPU, or None
+    for slot in schedule.gpus or (None,) * at_once:
+        free.put(slot)
+
+    def one(spec: dict) -> dict:
+        slot = free.get()
+        try:
+            return _run_one(spec, cfg, out, at_once, progress, slot)
+        finally:
+            free.put(slot)
+
     if at_once <= 1:
-        return results + [_run_one(spec, cfg, out, 1, progress) for spec in todo]
+        return [one(spec) for spec in todo]
     threads = todo[0].get("threads") if todo else None
     each = f", {threads} thread{'s' if threads != 1 else ''} each" if threads else ""
-    log(f"runs: {at_once} at a time on this device, each its own process{each}")
+    where = f" on {len(set(schedule.gpus))} GPU, one GPU a run" if schedule.gpus else ""
+    log(f"runs: {at_once} at a time{where or ' on this device'}, each its own process{each}")
     with ThreadPoolExecutor(at_once) as pool:
-        return results + list(pool.map(lambda s: _run_one(s, cfg, out, at_once, progress), todo))
-
-
-def runs_that_fit(first: dict, cfg: StudyConfig) -> int:
-    """How many runs like `first` fit on its device at once: on a GPU, its free memory over
-    the first run's peak (10 % kept free), at most 8; on a CPU, whose cores one run already
-    uses, one."""
-    peak = (first.get("metrics") or {}).get("peak_memory_mb")
-    if first.get("device") != "cuda" or not peak:
-        return 1
-    import torch
-
-    free, _ = torch.cuda.mem_get_info()
-    return max(1, min(8, int(0.9 * free / 2**20 // peak)))
+        return list(pool.map(one, todo))
 
 
 class _Progress:
@@ -376,20 +446,27 @@ class _Progress:
             self.log(f"  {name} seed {seed}: {status} ({_fmt(seconds)}{since})")
 
 
-def _run_one(spec: dict, cfg: StudyConfig, out: Path, at_once: int, progress) -> dict:
+def _run_one(
+    spec: dict, cfg: StudyConfig, out: Path, at_once: int, progress, gpu: str | None = None
+) -> dict:
     """One spec in a process of its own; its result (a failed one if the process died)."""
     name, seed = spec["strategy"]["name"], spec["seed"]
+    device = spec.get("paths", {}).get("device", "cpu")
     progress.begin(name, seed)
     folder = Path(spec["run_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").unlink(missing_ok=True)
-    write_json(folder / "spec.json", spec | {"runs_at_once": at_once})
+    write_json(folder / "spec.json", spec | {"runs_at_once": at_once, "gpu": gpu})
     env = _env(cfg, out, f"{name}-seed-{seed}")
     if at_once > 1 and not cfg.threads:  # the cores shared out, not each run taking them all
         env["OMP_NUM_THREADS"] = str(spec.get("threads") or cores_each(at_once))
+    if device == "cpu":  # a CPU run sees no GPU, a CUDA run its own one
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif device == "cuda" and gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     t0 = time.perf_counter()
     try:
-        code = server.run_spec(folder / "spec.json", env, cfg.reuse_process)
+        code = server.run_spec(folder / "spec.json", env, cfg.reuse_process, device)
     except KeyboardInterrupt:  # Ctrl-C: stop the run (it dies with its server), record nothing
         server.close_worker(timeout=0)
         raise
@@ -409,7 +486,16 @@ def describe_paths(paths: dict, products: dict) -> str:
 
     machine = Machine.here()
     if paths["device"] != "cpu":
-        return f"paths: device {paths['device']}, float32"
+        attention = paths["attention"] + (
+            f" ({paths['attention_why']})"
+            if paths.get("attention_why") not in ("", "as set")
+            else ""
+        )
+        quantized = f", base in {paths['quantize']}" if paths["quantize"] != "none" else ""
+        return (
+            f"paths on {machine.describe()}: device {paths['device']}, precision "
+            f"{paths['precision']}{quantized}, attention {attention}"
+        )
     why = (
         "this CPU multiplies bfloat16 natively"
         if paths["product_dtype"] == "bfloat16"

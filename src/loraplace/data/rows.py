@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from loraplace.core.errors import UserError
 from loraplace.core.modes import evaluating
@@ -195,7 +196,8 @@ class PackedCollator:
     With `max_tokens`, the batch is split into as few chunks of at most that many tokens as a
     longest-first fit finds, as even in size as it can make them (fewer, larger matrix products;
     an example longer than that is a chunk of its own), returned as
-    {"chunks": [row, ...], "labels": all labels}, for `ChunkedTrainer` to run one at a time.
+    {"chunks": [row, ...], "labels": all labels, "targets": each chunk's target tokens}, for
+    `ChunkedTrainer` to run one at a time.
     The grouping does not change the step's gradient: every chunk is weighted by its tokens.
     """
 
@@ -240,7 +242,11 @@ class PackedCollator:
             self.pack([batch[i] for i in g])
             for g in balanced_groups([len(e.input_ids) for e in batch], self.max_tokens)
         ]
-        return {"chunks": chunks, "labels": torch.cat([c["labels"] for c in chunks], dim=1)}
+        # each chunk's target tokens, counted here on the CPU: the trainer weighs the chunks by
+        # them without reading tensors back from a GPU at every step
+        targets = [int((c["labels"][..., 1:] != IGNORE).sum()) for c in chunks]
+        labels = torch.cat([c["labels"] for c in chunks], dim=1)
+        return {"chunks": chunks, "labels": labels, "targets": targets}
 
 
 def balanced_groups(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -274,11 +280,26 @@ def packing_is_exact(
     segments: bool = False,
     form: str = "mask",
 ) -> bool:
-    """Check on this model that a packed row (of `form`, see PackedCollator) gives each example
-    the loss it has alone, to within `tolerance` of the summed loss.
+    """Check on this model that a packed row (of `form`, see PackedCollator) gives every
+    token of every example the loss it has when the example runs alone: the tokens' losses
+    differ by at most `tolerance` nats on average (every token compared, not a sum in which
+    differences could cancel).
 
-    False, too, where the model cannot run the packed row: its forward takes no position_ids
-    (or, with `segments`, no example boundaries), or refuses the row's block-diagonal mask."""
+    False where the model cannot take the packed row's arguments at all (its forward takes no
+    position_ids, or, with `segments`, no example boundaries): a verdict on the model. A
+    forward that raises is no verdict: the error goes to the caller."""
+    deltas = packing_token_deltas(model, device, segments, form)
+    return deltas is not None and float(deltas.abs().mean()) <= tolerance
+
+
+@torch.no_grad()
+def packing_token_deltas(
+    model, device: str = "cpu", segments: bool = False, form: str = "mask", leak: bool = False
+) -> torch.Tensor | None:
+    """Every target token's loss in a packed row of three examples minus its loss with its
+    example alone; None where the model's forward takes no such row. `leak`: positions that do
+    not restart, so examples see the ones before them (how the check's tolerances were set
+    apart from a real leak)."""
     generator = torch.Generator().manual_seed(0)
     vocab = min(model.config.vocab_size, 1000)
     examples = [
@@ -286,31 +307,32 @@ def packing_is_exact(
         for ids in (torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (9, 14, 6))
     ]
     packed = PackedCollator(segments=segments, form=form).pack(examples)
+    if leak:
+        packed["position_ids"] = torch.arange(packed["input_ids"].shape[1])[None]
     if not _forward_takes(model, packed):
-        return False
-    try:
-        with evaluating(model):
-            alone = sum(
-                _summed_loss(model, Collator(0)([e]), device, len(e.input_ids) - 1)
-                for e in examples
-            )
-            together = _summed_loss(
-                model, packed, device, sum(len(e.input_ids) - 1 for e in examples)
-            )
-    except (RuntimeError, ValueError):  # the forward refused the row (NotImplementedError too)
-        return False
-    return abs(alone - together) <= tolerance * max(1.0, abs(alone))
+        return None
+    with evaluating(model):
+        alone = torch.cat([_token_losses(model, Collator(0)([e]), device)[0] for e in examples])
+        together = _token_losses(model, packed, device)[0]
+    starts = torch.tensor([0] + [len(e.input_ids) for e in examples]).cumsum(0)[:-1].tolist()
+    # a packed row's token t predicts t + 1: drop each example's last position, which predicts
+    # the next example's first token
+    keep = torch.ones(together.shape[0], dtype=torch.bool)
+    keep[[s - 1 for s in starts[1:]]] = False
+    return together[keep] - alone
+
+
+def _token_losses(model, batch: dict, device: str) -> torch.Tensor:
+    """(rows, tokens - 1): each position's loss predicting the next input token, in float32."""
+    inputs = {k: v for k, v in to_device(batch, device).items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    targets = inputs["input_ids"][:, 1:]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
 
 
 def _forward_takes(model, inputs: dict) -> bool:
     """Whether model(**inputs) passes only keywords its forward takes (by name or **kwargs)."""
     params = inspect.signature(model.forward).parameters.values()
     return any(p.kind is p.VAR_KEYWORD for p in params) or set(inputs) <= {p.name for p in params}
-
-
-def _summed_loss(model, batch: dict, device: str, targets: int) -> float:
-    """The model's mean loss on `batch` times its number of target tokens."""
-    loss = model(**to_device(batch, device)).loss
-    if loss is None:
-        raise ValueError(f"{type(model).__name__} computes no loss from labels")
-    return float(loss) * targets

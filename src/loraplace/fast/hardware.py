@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from loraplace.core.errors import UserError
+from loraplace.fast import gpus
 
 OPTIONAL_PACKAGES = ("bitsandbytes", "flash_attn", "liger_kernel", "triton")
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")  # x86 flags of CPUs that multiply bfloat16 natively
@@ -45,6 +46,23 @@ MARGIN = 0.05
 
 
 @dataclass(frozen=True)
+class Gpu:
+    """One GPU this process sees: `id` as CUDA_VISIBLE_DEVICES names it (index or UUID)."""
+
+    id: str
+    name: str = "GPU"
+    capability: tuple[int, int] = (8, 0)
+    total_mb: float = 0.0
+    free_mb: float = 0.0
+
+    @property
+    def bf16(self) -> bool:
+        """Computes in bfloat16 natively (Ampere, compute capability 8.0, and later); older
+        GPUs only emulate it, slower than float16 (torch's `including_emulation=False`)."""
+        return tuple(self.capability) >= (8, 0)
+
+
+@dataclass(frozen=True)
 class Machine:
     """What the choices depend on. `bf16_products`: a bfloat16 product through oneDNN ran here."""
 
@@ -54,8 +72,12 @@ class Machine:
     bf16_products: bool = False
     devices: tuple[str, ...] = ("cpu",)
     isa_limits: dict = field(default_factory=dict)  # ISA_VARIABLES set here: ONEDNN_MAX_CPU_ISA...
-    gpu_bf16: bool = False  # the CUDA device computes in bfloat16
+    gpu_bf16: bool = False  # every GPU computes in bfloat16 natively
     packages: frozenset[str] = frozenset()  # optional libraries installed: OPTIONAL_PACKAGES
+    gpus: tuple[Gpu, ...] = ()
+    # flash-attn against this torch: {"version": ...} where it imports, {"error": ...} where it
+    # is installed and does not, {} where it is not installed (`gpus.flash_attn_status`)
+    flash_attn: dict = field(default_factory=dict)
 
     @staticmethod
     def here() -> Machine:
@@ -70,7 +92,9 @@ class Machine:
         simd = [
             f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd") if f in self.flags
         ]
-        return f"{self.cpu} ({' '.join(simd) or 'no SIMD flags read'}{limits})"
+        names = sorted({g.name for g in self.gpus})
+        gpus = f"; {len(self.gpus)} GPU: {', '.join(names)}" if self.gpus else ""
+        return f"{self.cpu} ({' '.join(simd) or 'no SIMD flags read'}{limits}){gpus}"
 
 
 def cpu_info(text: str) -> tuple[str, frozenset[str]]:
@@ -94,9 +118,12 @@ def _here() -> Machine:
     except OSError:
         cpu, flags = platform.processor() or platform.machine(), frozenset()
     flags |= frozenset(os.environ.get(ASSUME_FLAGS, "").split())
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
+    found = gpus.facts_at_start()  # never initialises CUDA in this process
+    cards = tuple(
+        Gpu(g["id"], g["name"], tuple(g["capability"]), g["total_mb"], g["free_mb"])
+        for g in found["gpus"]
+    )
+    devices = ["cpu"] + (["cuda"] if cards else [])
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         devices.append("mps")
     onednn = onednn_available()
@@ -107,8 +134,10 @@ def _here() -> Machine:
         bf16_products=onednn and _bf16_product_runs(),
         devices=tuple(devices),
         isa_limits={k: os.environ[k] for k in ISA_VARIABLES if os.environ.get(k)},
-        gpu_bf16="cuda" in devices and torch.cuda.is_bf16_supported(),
+        gpu_bf16=bool(cards) and all(g.bf16 for g in cards),
         packages=frozenset(p for p in OPTIONAL_PACKAGES if importlib.util.find_spec(p)),
+        gpus=cards,
+        flash_attn=found["flash_attn"],
     )
 
 
@@ -139,6 +168,7 @@ class Paths:
     precision: str = "float32"  # the base's dtype and autocast: float32 | bf16 | fp16
     quantize: str = "none"  # none | 4bit | 8bit
     attention: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attention_why: str = ""  # why auto took SDPA over FlashAttention-2, where it could not take it
     liger: bool = False  # Liger Kernel's Triton functions in the Trainer (CUDA)
 
     @property
@@ -212,8 +242,9 @@ def pick_product_dtype(choice: str, device: str, onednn: bool, machine: Machine)
 
 
 def pick_precision(choice: str, device: str, machine: Machine) -> str:
-    """auto: bf16 on a GPU that has it, fp16 (with loss scaling) on one that does not,
-    float32 elsewhere. fp16 is refused off CUDA: its loss scaling runs only there."""
+    """auto: bf16 on GPUs that compute in it natively, fp16 (with loss scaling) on older ones
+    (which only emulate bf16, slowly), float32 elsewhere. fp16 is refused off CUDA: its loss
+    scaling runs only there."""
     if choice == "auto":
         if device == "cuda":
             return "bf16" if machine.gpu_bf16 else "fp16"
@@ -237,18 +268,29 @@ def pick_quantize(choice: str, machine: Machine) -> str:
     return choice
 
 
-def pick_attention(choice: str, device: str, machine: Machine) -> str:
-    """auto: FlashAttention-2 on CUDA where flash-attn is installed, else PyTorch's SDPA."""
-    flash = device == "cuda" and "flash_attn" in machine.packages
+def pick_attention(
+    choice: str, device: str, machine: Machine, precision: str = "bf16"
+) -> tuple[str, str]:
+    """(the attention kernel, why, where `auto` did not take FlashAttention-2 or it was asked
+    for). auto: FlashAttention-2 on CUDA in bf16 or fp16 where flash-attn imports against this
+    torch, else PyTorch's SDPA; flash_attention_2 asked for where it cannot run is refused."""
+    if device != "cuda":
+        why = f"this study runs on {device}"
+    elif precision not in ("bf16", "fp16"):
+        why = f"FlashAttention computes only in bf16 or fp16 and this study's precision is {precision}"
+    elif "error" in machine.flash_attn:
+        why = f"flash-attn is installed but does not import against this torch ({machine.flash_attn['error']})"
+    elif "version" not in machine.flash_attn:
+        why = "flash-attn is not installed (pip install 'loraplace[gpu]')"
+    else:
+        why = ""
     if choice == "auto":
-        return "flash_attention_2" if flash else "sdpa"
-    if choice == "flash_attention_2" and not flash:
-        why = "flash-attn is not installed" if device == "cuda" else f"this study runs on {device}"
+        return ("sdpa", why) if why else ("flash_attention_2", "")
+    if choice == "flash_attention_2" and why:
         raise UserError(
-            f"attention flash_attention_2 needs a CUDA GPU and flash-attn ({why}); "
-            "use attention auto or sdpa"
+            f"attention flash_attention_2 cannot run here: {why}; use attention auto or sdpa"
         )
-    return choice
+    return choice, "as set"
 
 
 def pick_liger(choice: bool, device: str, machine: Machine) -> bool:
@@ -294,6 +336,7 @@ def resolve_paths(
         onednn = onednn_head = False
         product_dtype = "float32"
     use_onednn = pick_onednn(onednn, resolved_device, machine)
+    kernel, kernel_why = pick_attention(attention, resolved_device, machine, numbers)
     head = use_onednn if onednn_head is None else pick_onednn(onednn_head, resolved_device, machine)
     return Paths(
         device=resolved_device,
@@ -304,7 +347,8 @@ def resolve_paths(
         product_dtype=pick_product_dtype(product_dtype, resolved_device, use_onednn, machine),
         precision=numbers,
         quantize=quantized,
-        attention=pick_attention(attention, resolved_device, machine),
+        attention=kernel,
+        attention_why=kernel_why,
         liger=pick_liger(liger, resolved_device, machine),
     )
 
@@ -415,11 +459,19 @@ def products_for(
 # --- checks remembered per model architecture, device and library versions -----------------
 
 
+# Kernels a check's answer depends on beyond torch and transformers
+CHECK_PACKAGES = ("flash_attn", "liger_kernel", "peft")
+
+
 def remembered_check(name: str, model, device: str, check, *args) -> bool:
     """`check(model, device, *args)`, answered from the cache where this architecture (its
     config and its weights' dtypes, not their values) was checked before with the same
-    arguments on this machine and the same library versions; the start-of-run exactness checks
-    cost a few forward passes."""
+    arguments on this machine (its CPU and GPUs) and the same library versions; the
+    start-of-run exactness checks cost a few forward passes.
+
+    Only an answer is remembered: a check that raised (a forward that failed, out of memory)
+    raises here too and leaves nothing behind, so a passing error never turns a path off for
+    good."""
     import sys
 
     import torch
@@ -435,7 +487,7 @@ def remembered_check(name: str, model, device: str, check, *args) -> bool:
     key = json.dumps(
         [name, type(model).__name__, model.config.to_json_string(), attention, dtypes, device,
          repr(args), torch.__version__, transformers.__version__, __version__,
-         hashlib.sha256(code).hexdigest(), Machine.here().describe()],
+         hashlib.sha256(code).hexdigest(), Machine.here().describe(), _versions(CHECK_PACKAGES)],
     )  # fmt: skip
     path = cache_dir() / "checks" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     try:
@@ -447,3 +499,15 @@ def remembered_check(name: str, model, device: str, check, *args) -> bool:
 
     write_json(path, {"check": name, "ok": ok})
     return ok
+
+
+def _versions(packages: tuple[str, ...]) -> dict:
+    from importlib import metadata
+
+    found = {}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from loraplace.core.errors import UserError
 from loraplace.plan.budget import equalize
+from loraplace.plan.memory import Shape, run_memory, shape_of, weights_mb
 from loraplace.plan.models import ModelSource, base_params, meta_model
 from loraplace.plan.placement import Placement, place
 from loraplace.plan.roles import ROLES, LinearModule, classify, hidden_size, num_layers
@@ -23,6 +24,7 @@ class ModelPlan:
     n_layers: int
     modules: list[LinearModule]
     placements: list[Placement]
+    shape: Shape
 
 
 def plan_model(
@@ -41,7 +43,10 @@ def plan_model(
             raise UserError(f"equal budget reference {equal_budget!r} is not among the strategies")
         strategies = equalize(modules, strategies, equal_budget, rank)
     placements = [place(modules, s, rank, bias) for s in strategies]
-    return ModelPlan(source.name, base_params(model), num_layers(modules), modules, placements)
+    return ModelPlan(
+        source.name, base_params(model), num_layers(modules), modules, placements,
+        shape_of(model, modules),
+    )  # fmt: skip
 
 
 def to_json(plan: ModelPlan) -> dict:
@@ -98,35 +103,31 @@ def seed_notes(plan: ModelPlan) -> list[str]:
     return notes
 
 
-# Bytes per weight. NF4 with double quantization: 4 bits, plus one 8-bit scale per 64 weights
-# and one float32 scale per 256 of those (QLoRA, section 2); LLM.int8: 1 byte (its per-row
-# scales are negligible). Only the decoder layers' linear weights are quantized.
-BYTES = {"float32": 4.0, "bf16": 2.0, "fp16": 2.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256),
-         "8bit": 1.0}  # fmt: skip
-
-
 def base_memory_mb(plan: ModelPlan, precision: str, quantize: str = "none") -> float:
-    """The base's weights in memory, in MB: in `precision`, with the decoder's linear weights
-    in `quantize`'s bits where it is not none."""
-    linear = sum(m.in_features * m.out_features for m in plan.modules if m.layer is not None)
-    if quantize == "none":
-        return plan.base_params * BYTES[precision] / 2**20
-    return (linear * BYTES[quantize] + (plan.base_params - linear) * BYTES[precision]) / 2**20
+    return weights_mb(plan.shape, precision, quantize)
 
 
-def memory_line(plan: ModelPlan, precision: str = "auto", quantize: str = "none") -> str:
+def memory_lines(plan: ModelPlan, precision: str, quantize: str, tokens: int | None) -> list[str]:
+    """The base's weights in memory, and what a GPU run of the largest placement needs with
+    `tokens` tokens a step (estimated: `plan.memory`)."""
     if precision == "auto":  # resolved per device: float32 on CPU, bf16 (or fp16) on a GPU
         f32, half = (base_memory_mb(plan, p, quantize) for p in ("float32", "bf16"))
         how = f"{f32:,.0f} MB in float32 (CPU), {half:,.0f} MB in bf16 (GPU)"
     else:
         how = f"{base_memory_mb(plan, precision, quantize):,.0f} MB in {precision}"
     bits = f", decoder linear weights in {quantize}" if quantize != "none" else ""
-    return f"base weights in memory: {how}{bits} (precision {precision}, quantize {quantize})"
+    lines = [f"base weights in memory: {how}{bits} (precision {precision}, quantize {quantize})"]
+    if tokens and plan.placements:
+        largest = max(p.trainable_params for p in plan.placements)
+        gpu = "bf16" if precision == "auto" else precision
+        need = run_memory(plan.shape, largest, tokens, gpu, quantize)
+        lines.append(f"a GPU run ({gpu}, {tokens:,} tokens a step) needs {need.describe()}")
+    return lines
 
 
 def render(
     plan: ModelPlan, rank: int, alpha: float, dropout: float, bias: str,
-    precision: str = "auto", quantize: str = "none",
+    precision: str = "auto", quantize: str = "none", tokens: int | None = None,
 ) -> str:  # fmt: skip
     roles_present = [r for r in ROLES if any(m.role == r for m in plan.modules)]
     other = [m.path for m in plan.modules if m.role == "other"]
@@ -139,7 +140,7 @@ def render(
         f"base parameters: {plan.base_params:,} (tied embeddings counted once); "
         f"{plan.n_layers} layers; roles: {', '.join(roles_present)}",
         f"not adapted (role other): {', '.join(other) if other else 'none'}",
-        memory_line(plan, precision, quantize),
+        *memory_lines(plan, precision, quantize, tokens),
         f"LoRA: r={rank} alpha={alpha:g} dropout={dropout:g} bias={bias}",
         "",
         f"{'strategy':<{w_name}}{'layers':<{w_layers}}{'modules':>8}{'trainable':>13}{'% base':>9}{'vs full':>9}  by role",

@@ -32,7 +32,9 @@ def load_model(
     if attention:
         kwargs["attn_implementation"] = attention
     if quantize != "none":
-        kwargs |= {"quantization_config": bnb_config(quantize, dtype), "device_map": {"": device}}
+        kwargs["quantization_config"] = bnb_config(quantize, dtype)
+    if quantize != "none" or device != "cpu":  # straight onto the device, in `dtype`
+        kwargs["device_map"] = {"": device}
     model = _hub_call(source, AutoModelForCausalLM.from_pretrained, path, dtype=dtype, **kwargs)
     if source.kind == "gguf" and quantize == "none":  # de-quantized GGUF, not a bitsandbytes base
         clear_quantized_flag(model)

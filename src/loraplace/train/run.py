@@ -217,13 +217,25 @@ def run_products(spec: dict, cfg: StudyConfig, paths: dict, model) -> dict:
     head = model.get_output_embeddings()
     head_shape = tuple(head.weight.shape) if isinstance(head, torch.nn.Linear) else None
     return products_for(
-        Paths.from_dict(paths), shapes, head_shape, pack_rows(cfg), ROWS, cfg.threads
+        Paths.from_dict(paths),
+        shapes,
+        head_shape,
+        pack_rows(cfg, paths["device"]),
+        ROWS,
+        cfg.threads,
     )
 
 
-def pack_rows(cfg: StudyConfig) -> int:
-    """Tokens per packed training chunk."""
-    return cfg.pack_tokens or cfg.max_length * 3 // 2
+def pack_rows(cfg: StudyConfig, device: str) -> int:
+    """Tokens per packed training chunk. On a CPU, rows of 1.5 x max_length (the step's
+    micro-batches in a few chunks: products of that size run near the CPU's peak, and
+    a chunk's activations stay small); elsewhere the whole step as one row (a GPU is
+    fastest with few, large launches)."""
+    if cfg.pack_tokens:
+        return cfg.pack_tokens
+    if device == "cpu":
+        return cfg.max_length * 3 // 2
+    return cfg.batch_size * cfg.grad_accum * cfg.max_length
 
 
 def _load(cfg: StudyConfig, paths: dict):
@@ -231,12 +243,11 @@ def _load(cfg: StudyConfig, paths: dict):
     from loraplace.plan.models import resolve
     from loraplace.train.load import DTYPES, load_model
 
+    # in the run's precision from the start: a GPU never holds 4 bytes a weight of a bf16 run
     device, quantize = paths["device"], paths.get("quantize", "none")
-    dtype = DTYPES[paths.get("precision", "float32")] if quantize != "none" else torch.float32
+    dtype = DTYPES[paths.get("precision", "float32")]
     model, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code), dtype, quantize,
                                   device, paths.get("attention"))  # fmt: skip
-    if quantize == "none":
-        model.to(device)
     rows = {
         "train": load_rows(cfg.data, cfg.train_split),
         "eval": load_rows(cfg.data, cfg.eval_split),
@@ -245,11 +256,13 @@ def _load(cfg: StudyConfig, paths: dict):
     return model, tokenizer, rows, sets
 
 
-# How far a packed row's summed loss may be from its examples' own, relative, per precision.
-# On CPU both agree to 1e-7 in float32 and bf16, while rows that leak across examples miss by
-# 2e-3 even on tiny random models (docs/gpu.md); 16-bit GPU kernels may round a packed row
-# differently, so they get 1e-3: a check that fails only turns packing off, with a note.
-PACKING_TOLERANCE = {"float32": 1e-4, "bf16": 1e-3, "fp16": 1e-3}
+# How far a packed row's per-token losses may be, on average, from each example's own (nats a
+# token), per precision. Measured on CPU (docs/gpu.md, 2026-12-06), the embedded SmolLM2 with
+# its real weights: exact rows differ by 5e-6 in float32, 9e-3 in fp16 and 6e-2 in bf16 (their
+# own rounding), rows that leak across examples by 1.4 in all three; tiny random models' leaks
+# by 2.5e-2 and more, their exact rows by under 2e-4. Each tolerance lies several times above
+# the exact rows' and below the leaks'.
+PACKING_TOLERANCE = {"float32": 1e-3, "bf16": 0.25, "fp16": 0.05}
 
 
 def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> dict:
@@ -260,11 +273,11 @@ def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> 
     pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
     wanted = cfg.packing and cfg.fuse_accumulation and pad_to is None
     tolerance = PACKING_TOLERANCE[paths.get("precision", "float32")]
-    exact = (wanted or cfg.pack_eval) and remembered_check(
-        "packing", model, device, packing_is_exact, tolerance, False, form
+    exact = (wanted or cfg.pack_eval) and checked(
+        notes, "packing", "packing", model, device, packing_is_exact, tolerance, False, form
     )
-    packed = wanted and exact
-    if wanted and not exact:
+    packed = bool(wanted and exact)
+    if wanted and exact is False:
         notes.add("packing", "packed rows did not give each example its own loss on this model")
     # segment attention is one of our CPU functions: with the library's rows it is off, as they are
     segments, wants_segments = False, packed and cfg.segment_attention and form == "mask"
@@ -274,16 +287,25 @@ def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> 
         segments = use_segment_attention(model)
         if not segments:
             notes.add("segment_attention", "the model does not run SDPA attention")
-        elif not remembered_check("segments", model, device, packing_is_exact, 1e-4, True):
+        elif not (
+            ok := checked(notes, "segment_attention", "segments", model, device,
+                          packing_is_exact, PACKING_TOLERANCE["float32"], True)
+        ):  # fmt: skip
             model.set_attn_implementation("sdpa")
             segments = False
-            notes.add("segment_attention", "attention per example was not exact on this model")
+            if ok is False:
+                notes.add("segment_attention", "attention per example was not exact on this model")
     collate = Collator(tokenizer.pad_token_id, pad_to)
     if packed:
-        collate = PackedCollator(pack_rows(cfg), segments, form)
-    eval_packed = cfg.pack_eval and exact
+        collate = PackedCollator(pack_rows(cfg, device), segments, form)
+    eval_packed = cfg.pack_eval and bool(exact)
     if cfg.pack_eval and not exact:
-        notes.add("pack_eval", "packed rows did not give each example its own loss on this model")
+        why = (
+            "its check raised"
+            if exact is None
+            else "packed rows did not give each example its own loss"
+        )
+        notes.add("pack_eval", f"{why} on this model")
     eval_collate = Collator(tokenizer.pad_token_id)  # both paths: the same evaluation
     if eval_packed:  # no padding; rows of up to eval_batch_size x max_length tokens, as padded
         eval_collate = PackedCollator(cfg.eval_batch_size * cfg.max_length, segments, form)
@@ -299,27 +321,42 @@ def _head(model, device: str, paths: dict, products: dict, notes: Notes) -> dict
     if not paths.get("cpu_kernels", True):  # a float32 CPU function: not for this base
         return {"blocks": False, "onednn": (False, False)}
     pair = tuple(products.get("head", (paths["onednn_head"],) * 2))
-    blocks = remembered_check("head", model, device, head_loss_matches, 1e-4, (False, False))
+    blocks = bool(
+        checked(notes, "fused_head_loss", "head", model, device, head_loss_matches, 1e-4,
+                (False, False))
+    )  # fmt: skip
     if any(pair) and not (
-        blocks and remembered_check("head", model, device, head_loss_matches, 1e-4, pair)
+        blocks
+        and (
+            ok := checked(
+                notes, "onednn_head", "head", model, device, head_loss_matches, 1e-4, pair
+            )
+        )
     ):
-        if blocks:
+        if blocks and ok is False:
             notes.add("onednn_head", "the head's products through oneDNN were not exact here")
         pair = (False, False)
     return {"blocks": blocks, "onednn": pair}
 
 
-def _in_precision(model, paths: dict):
-    """The base in the run's precision (adapters, attached later, stay float32); a quantized
-    base made ready for training as QLoRA does (norms and head in float32, all frozen)."""
-    from loraplace.train.load import DTYPES
+def checked(notes: Notes, switch: str, name: str, model, device: str, check, *args) -> bool | None:
+    """`remembered_check`'s answer, or None where the check raised: the switch is off for this
+    run, with the error in its note, and nothing is remembered for the next run."""
+    try:
+        return remembered_check(name, model, device, check, *args)
+    except (RuntimeError, ValueError) as err:  # NotImplementedError, out of memory included
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        notes.add(switch, f"its start-of-run check raised {type(err).__name__}: {first}")
+        return None
 
+
+def _in_precision(model, paths: dict):
+    """A quantized base made ready for training as QLoRA does (norms and head in float32, all
+    frozen); any other base already loaded in the run's precision (adapters stay float32)."""
     if paths.get("quantize", "none") != "none":
         from peft import prepare_model_for_kbit_training
 
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if paths.get("precision", "float32") != "float32":
-        model.to(DTYPES[paths["precision"]])
     return model
 
 
@@ -447,6 +484,8 @@ def _start(spec: dict) -> Run:
     if "lr" in injected:
         cfg = dataclasses.replace(cfg, lr=float(injected["lr"]))
     run = Run(spec, cfg, strategy, seed, Path(spec["run_dir"]), injected, run_paths(spec, cfg))
+    if run.device == "cuda":
+        pin_one_gpu(spec.get("gpu"))
     threads = cfg.threads or spec.get("threads")  # the study's share of the cores, if any
     if threads:
         torch.set_num_threads(threads)
@@ -532,7 +571,20 @@ def _adapt(run: Run, model, placement, products: dict, packed: bool, head: dict)
         notes.add("fused_head_loss", "the model's own loss differs from the blocked head loss")
     taken["fused_head"] = bool(fused_head)
     taken["head_libraries"] = head["onednn"] if fused_head else (False, False)
+    taken["liger"] = bool(run.paths.get("liger")) and liger_applies(model)
+    if run.paths.get("liger") and not taken["liger"]:
+        notes.add("liger_kernel", f"Liger has no functions for {model.config.model_type} models")
     return model, taken
+
+
+def liger_applies(model) -> bool:
+    """Whether Liger Kernel patches this model's architecture (the Trainer's
+    `use_liger_kernel` does nothing for the others, GPT-2 among them)."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    return model.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
 def _generations(run: Run, model, tokenizer, prompts: list[str]) -> list[str]:
@@ -562,13 +614,22 @@ def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
         run.timing["before_s"] = resume.manifest["train_s"]
     packed = batching["packed"]
     cls = chunked_trainer(taken["fused_head"], taken["head_libraries"]) if packed else Trainer
+    steps = math.ceil(math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum)) * cfg.epochs)
+    paths = run.paths | {"liger": taken["liger"]}
+    guard = recorder(evaluate, curves, cfg.eval_every_epoch, each_step=run.device == "cpu")
     trainer = cls(
         model=model,
-        args=training_args(cfg, run.run_dir, run.seed, run.strategy.name, run.paths),
+        args=training_args(cfg, run.run_dir, run.seed, run.strategy.name, paths, steps),
         train_dataset=train_set,
         data_collator=batching["collate"],
-        callbacks=[recorder(evaluate, curves, cfg.eval_every_epoch)],
+        callbacks=[guard],
     )
+    if trainer.args.n_gpu > 1:  # DataParallel would split each batch: fewer, larger steps
+        raise RuntimeError(
+            f"this run sees {trainer.args.n_gpu} GPUs; a run trains on one (CUDA_VISIBLE_DEVICES)"
+        )
+    if run.paths.get("precision") == "fp16":  # overflowing steps are the scaler's to skip
+        guard.loss_scale = trainer.accelerator.scaler.get_scale
     trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
     every_s = cfg.checkpoint_minutes * 60 if cfg.checkpoint_minutes else None
     if cfg.checkpoint_every or every_s:
@@ -622,7 +683,35 @@ def _paths_taken(run: Run, products: dict, batching: dict, taken: dict, eval_hea
         "release_memory": run.released,
         "threads": torch.get_num_threads(),
         "runs_at_once": run.spec.get("runs_at_once"),  # None: not said (a Ray task)
+        "liger": taken["liger"],
+        "gpu": gpu_record(run.device),
     }
+
+
+def gpu_record(device: str) -> dict | None:
+    """The GPU this run trained on (its id as CUDA_VISIBLE_DEVICES names it), and what its
+    allocator reserved at most; None off CUDA."""
+    if device != "cuda":
+        return None
+    return {
+        "id": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "name": torch.cuda.get_device_name(0),
+        "peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20,
+    }
+
+
+def pin_one_gpu(gpu: str | None) -> None:
+    """Before CUDA starts in this process: see only the run's GPU (the study's choice), or the
+    first one, where more are visible; a run trains on one GPU."""
+    from loraplace.fast import gpus
+
+    if torch.cuda.is_initialized():
+        return
+    visible = gpus.visible_ids()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    elif visible is None or len(visible) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[0] if visible else "0"
 
 
 def _placement_record(placement) -> dict:

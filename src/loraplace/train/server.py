@@ -36,6 +36,7 @@ class Worker:
             stdin=subprocess.PIPE,
             text=True,
             pass_fds=(write,),
+            env=os.environ | HIDE_GPUS,
         )
         os.close(write)
         self.replies = os.fdopen(read)
@@ -89,8 +90,16 @@ def close_worker(timeout: float | None = 30) -> None:
 atexit.register(close_worker)
 
 
-def uses_worker(reuse_process: bool) -> bool:
-    return reuse_process and peak_memory_restartable()  # else every run gets its own peak
+# The server serves CPU runs only, and sees no GPU: CUDA initialised in a process that then
+# forks (bitsandbytes queries the GPU when PEFT imports it) fails in every child ("Cannot
+# re-initialize CUDA in forked subprocess"). A GPU run starts in a fresh process instead.
+HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def uses_worker(reuse_process: bool, device: str = "cpu") -> bool:
+    """Whether runs on `device` are forked from a server: CPU runs, where a process can
+    restart its peak-memory count (else every run is its own process, and its own peak)."""
+    return reuse_process and device == "cpu" and peak_memory_restartable()
 
 
 def start_worker(count: int = 1) -> Worker:
@@ -114,10 +123,10 @@ def _take() -> Worker:
         return worker
 
 
-def run_spec(spec_path: Path, env: dict, reuse_process: bool) -> int:
+def run_spec(spec_path: Path, env: dict, reuse_process: bool, device: str = "cpu") -> int:
     """Run one spec outside this process; its exit status (a dead worker's own status).
     Runs may be given from several threads at once: each gets a server of its own."""
-    if not uses_worker(reuse_process):
+    if not uses_worker(reuse_process, device):
         cmd = [sys.executable, "-m", "loraplace.train.run", str(spec_path)]
         return subprocess.run(cmd, env=env).returncode
     worker = _take()
@@ -153,6 +162,8 @@ def serve(commands, replies) -> None:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the study stops the run, not this
     _preload()
+    if cuda_initialized():
+        raise RuntimeError("the fork server initialised CUDA while importing; it cannot fork runs")
     gc.freeze()  # what the imports made stays untouched by the children's collections
     for line in commands:
         job = json.loads(line)
@@ -190,6 +201,12 @@ def _preload() -> None:
     import loraplace.plan.models  # noqa: F401
     import loraplace.plan.planning  # noqa: F401
     import loraplace.train.load  # noqa: F401
+
+
+def cuda_initialized() -> bool:
+    import torch
+
+    return torch.cuda.is_initialized()
 
 
 def _finish_loggers() -> None:

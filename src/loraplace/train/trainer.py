@@ -14,24 +14,55 @@ import torch
 from loraplace.config import StudyConfig
 from loraplace.train.evaluate import token_weighted
 
+# An fp16 run's loss scale below this means its gradients overflowed at 17 or more steps in a
+# row more than they fit (GradScaler starts at 2**16 and halves at each overflow): diverged.
+MIN_LOSS_SCALE = 1.0
 
-def recorder(evaluate, curves: dict, every_epoch: bool = True):
+
+def recorder(evaluate, curves: dict, every_epoch: bool = True, each_step: bool = True):
+    """The callback that records the curves and stops a run that diverged.
+
+    `each_step`: check the gradients before every optimizer step (on a CPU that costs
+    nothing, and a bad step is never applied). Elsewhere reading them back would stall the GPU
+    at every step, so the check is what the Trainer logs, once per logging interval: a
+    non-finite loss, or a non-finite gradient norm, except under fp16's loss scaling, which
+    skips an overflowing step itself: there only a loss scale fallen below `MIN_LOSS_SCALE`
+    fails the run (`loss_scale`, set once the Trainer exists, reads it)."""
     from transformers import TrainerCallback
 
     class Recorder(TrainerCallback):
-        """Train loss per optimizer step; shared evaluation at every epoch end; NaN stops the run."""
+        """Train loss at every logging step; shared evaluation at every epoch end; a diverged
+        run stops with its reason."""
+
+        loss_scale = None  # () -> the GradScaler's current scale, under fp16
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                curves["train"].append(
-                    {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"]}
+            if not logs or "loss" not in logs:
+                return
+            curves["train"].append(
+                {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"]}
+            )
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(
+                    f"train loss became {logs['loss']} at step {state.global_step}"
                 )
-                if not math.isfinite(logs["loss"]):
-                    raise FloatingPointError(
-                        f"train loss became {logs['loss']} at step {state.global_step}"
-                    )
+            norm = logs.get("grad_norm")
+            if norm is None or math.isfinite(norm) or each_step:
+                return
+            if self.loss_scale is None:
+                raise FloatingPointError(
+                    f"non-finite gradient at step {state.global_step}: the loss diverged"
+                )
+            scale = float(self.loss_scale())
+            if scale < MIN_LOSS_SCALE:
+                raise FloatingPointError(
+                    f"fp16 gradients overflow at every step (loss scale {scale:g} at step "
+                    f"{state.global_step}): the loss diverged"
+                )
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if not each_step:
+                return
             grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
             if grads and not torch.isfinite(torch.stack([g.abs().max() for g in grads])).all():
                 raise FloatingPointError(
@@ -54,10 +85,16 @@ def recorder(evaluate, curves: dict, every_epoch: bool = True):
     return Recorder()
 
 
+def logging_steps(device: str, total_steps: int) -> int:
+    """Optimizer steps between the Trainer's logs: every step on a CPU (the loss curve's every
+    point, free there); on a GPU about 50 points a run, since each log reads the loss back
+    from the device, which waits for it."""
+    return 1 if device == "cpu" else max(1, math.ceil(total_steps / 50))
+
+
 def chunked_trainer(fused_head_loss: bool = False, onednn_head=(False, False)):
     from transformers import Trainer
 
-    from loraplace.data.rows import IGNORE
     from loraplace.fast.headloss import head_loss
 
     class ChunkedTrainer(Trainer):
@@ -68,8 +105,7 @@ def chunked_trainer(fused_head_loss: bool = False, onednn_head=(False, False)):
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             model.train()
-            chunks = inputs["chunks"]
-            counts = [int((c["labels"][..., 1:] != IGNORE).sum()) for c in chunks]
+            chunks, counts = inputs["chunks"], inputs["targets"]
             total = None
             for chunk, count in zip(chunks, counts, strict=True):
                 chunk = self._prepare_inputs(chunk)
@@ -84,7 +120,9 @@ def chunked_trainer(fused_head_loss: bool = False, onednn_head=(False, False)):
     return ChunkedTrainer
 
 
-def training_args(cfg: StudyConfig, run_dir: Path, seed: int, name: str, paths: dict):
+def training_args(
+    cfg: StudyConfig, run_dir: Path, seed: int, name: str, paths: dict, total_steps: int = 1
+):
     from transformers import TrainingArguments
 
     fused = cfg.fuse_accumulation
@@ -100,7 +138,8 @@ def training_args(cfg: StudyConfig, run_dir: Path, seed: int, name: str, paths: 
         optim=cfg.optimizer,
         seed=seed,
         data_seed=seed,
-        logging_steps=1,
+        logging_steps=logging_steps(paths["device"], total_steps),
+        logging_nan_inf_filter=False,  # a NaN loss is logged as it is (and stops the run)
         save_strategy="no",
         eval_strategy="no",
         report_to=cfg.report_to or "none",
