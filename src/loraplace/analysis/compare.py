@@ -193,12 +193,11 @@ def one_seed(row) -> list[str]:
     return [s for s, k in ((row.strategy_a, row.seeds_a), (row.strategy_b, row.seeds_b)) if k < 2]
 
 
-def plan_text(found_plan: Plan, n_examples: int, n_seeds: int, effect: float, metric) -> str:
-    """'at these 40 examples, 7 seeds per strategy would detect a 1 % difference in eval loss
-    with 80 % power (at these 3 seeds, 900 examples would)'; '' where not measured."""
+def plan_text(found_plan: Plan, n_examples: int, n_seeds: int, what: str) -> str:
+    """'at these 40 examples, 7 seeds per strategy would detect {what} (at 3 seeds, 900
+    examples would)'; '' where not measured."""
     if not found_plan.known:
         return ""
-    what = f"a {effect * 100:g} % difference in {metric.label} with {POWER * 100:g} % power"
     seeds, examples = found_plan.seeds_at_current, found_plan.examples_at_current
     if seeds is not None:
         first = f"at these {n_examples:,} examples, {seeds} seeds per strategy would detect {what}"
@@ -225,7 +224,10 @@ def _verdict(row, metric, smallest_effect: float, needed: Plan) -> str:
         return resolved_text(row, metric, TWO_LEVEL)
     text = f"{metric.label} not resolved {TWO_LEVEL}"
     seeds = min(row.seeds_a, row.seeds_b)
-    more = plan_text(needed, row.n_examples, seeds, smallest_effect, metric)
+    what = (
+        f"a {smallest_effect * 100:g} % difference in {metric.label} with {POWER * 100:g} % power"
+    )
+    more = plan_text(needed, row.n_examples, seeds, what)
     return text + ("; " + more if more else "")
 
 
