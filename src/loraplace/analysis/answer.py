@@ -207,8 +207,8 @@ def _two_level_blocks(c: Comparison) -> list[tuple[str, object]]:
         "p_value refers it to Student's t with Satterthwaite's degrees of freedom (df), "
         "p_adjusted is Holm-corrected over the rows. A strategy with one seed gets no verdict: "
         "its seed-to-seed variance cannot be measured. seeds_needed: seeds per strategy that "
-        f"would detect a {c.smallest_effect * 100:g} % difference with {POWER * 100:g} % power at these "
-        "examples; examples_needed: examples that would at these seeds."
+        f"would detect a {c.smallest_effect * 100:g} % difference with {POWER * 100:g} % power "
+        "at these examples; examples_needed: examples that would at these seeds."
     )
     rows = [("p", f"{r.strategy_a} vs {r.strategy_b}: {r.verdict}.") for r in c.table.itertuples()]
     return [
