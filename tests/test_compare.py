@@ -12,7 +12,7 @@ import pytest
 from loraplace.analysis import levels
 from loraplace.analysis.compare import COMPARISON_COLUMNS, compare
 from loraplace.analysis.metrics import METRICS, PerExample, per_example
-from loraplace.analysis.power import Components, design, plan, power
+from loraplace.analysis.power import MAX_EXAMPLES, Components, design, plan, power
 from loraplace.analysis.stats import holm
 from loraplace.core.errors import UserError
 
@@ -178,3 +178,12 @@ def test_runs_on_different_examples_are_one_sentence():
     other_tokens = [_result("a", 1, [1.0, 2.0], [10, 20]), _result("b", 1, [1.0, 2.0], [10, 21])]
     with pytest.raises(UserError, match="other token counts"):
         per_example(other_tokens, LOSS)
+
+
+def test_more_seeds_never_need_more_examples_where_power_is_near_one():
+    """scipy's noncentral t gives NaN far in its tails; the plan must not read that as no
+    power (it once asked 3 seeds for more examples than 2)."""
+    comp = Components(seed=0.0, residual=2e-4, interaction=0.0, difficulty=0.1, seed_df=2, pairs=1)
+    found_plan = plan(comp, delta=0.003, alpha=0.05 / 3, concentration=1.0, n_examples=6, n_seeds=2)
+    examples = [m for _, m in found_plan.options]
+    assert examples == sorted(examples, reverse=True) and examples[0] < MAX_EXAMPLES

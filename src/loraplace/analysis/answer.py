@@ -154,13 +154,14 @@ def headline_sentences(agg: pd.DataFrame, comparisons: list[Comparison]) -> list
     if first is None:
         return ["No run finished, so there is no answer yet in these runs."]
     out = [first]
-    out += [_task_best(c) for c in comparisons if c.found.metric.name != "eval_loss"]
     if not any(len(c.table) for c in comparisons):
         return out + [
             "No pair of strategies has per-example eval loss, so nothing is tested across "
             "training seeds or evaluation examples."
         ]
-    for c in comparisons:
+    for c in comparisons:  # each metric's description, then its tests
+        if c.found.metric.name != "eval_loss":
+            out.append(_task_best(c))
         out += metric_sentences(c)
     return out
 

@@ -87,8 +87,10 @@ def power(delta: float, var, df, alpha: float) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         nc = abs(delta) / np.sqrt(var)
         crit = sps.t.ppf(1 - alpha / 2, df)
-        found = sps.nct.sf(crit, df, nc) + sps.nct.cdf(-crit, df, nc)
-    return np.where(var > 0, found, 1.0)
+        upper = sps.nct.sf(crit, df, nc)
+        upper = np.where(np.isfinite(upper), upper, sps.t.sf(crit - nc, df))
+        lower = np.nan_to_num(sps.nct.cdf(-crit, df, nc))  # far tail: scipy gives NaN for ~0
+    return np.where(var > 0, upper + lower, 1.0)
 
 
 def examples_needed(
