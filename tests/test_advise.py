@@ -10,6 +10,7 @@ import torch
 from conftest import ALPACA_HEAD, DIALOGPT, tiny_model
 
 from loraplace.advise.scores import score_modules
+from loraplace.analysis.stats import holm
 from loraplace.cli import main
 from loraplace.data.rows import IGNORE, Example
 from loraplace.plan.budget import cost_per_rank
@@ -167,6 +168,7 @@ def test_advise_unknown_score_is_one_sentence(tiny_gpt2_dir, capsys):
 
 
 def _result(name: str, seed: int, gain: float, per_example: list[float]) -> dict:
+    """A finished validation run: eval loss 2 - gain; per-example loss sums over 10 tokens."""
     return {
         "strategy": name,
         "seed": seed,
@@ -176,40 +178,109 @@ def _result(name: str, seed: int, gain: float, per_example: list[float]) -> dict
     }
 
 
-def test_validation_ranks_a_perfect_score_first_and_its_inverse_last():
-    from loraplace.advise.validate import analyze, render_validation
-
-    names = ["a", "b", "c", "d"]
-    true_gain = {"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1}
+def _validation(seeds=(1, 2, 3), n=12):
+    """Twelve candidates whose gains fall with their index; grad follows the gains exactly,
+    params loosely, lora_b says what params says and plop the opposite of grad."""
+    rng = np.random.default_rng(0)
+    names = [f"c{i}" for i in range(n)]
+    true_gain = {name: 0.5 - 0.03 * i for i, name in enumerate(names)}
+    loose = {name: g + rng.normal(0, 0.08) for name, g in true_gain.items()}
     advice = {
         "budget": 1000,
         "candidates": [
             {
-                "name": n,
-                "strategy": f"{n}=mlp",
+                "name": name,
+                "strategy": f"{name}=mlp",
                 "trainable_params": 1000,
-                # grad follows the gains, plop inverts them, lora_b says what params says
-                "predicted": {"grad": g, "plop": -g, "lora_b": i % 2, "params": i % 2},
+                "predicted": {"grad": g, "plop": -g, "lora_b": loose[name], "params": loose[name]},
             }
-            for i, (n, g) in enumerate(true_gain.items())
+            for name, g in true_gain.items()
         ],
     }
-    results = [
-        _result(n, seed, g + 0.01 * seed, [10 * (2 - g) + 0.1 * k * seed for k in range(6)])
-        for n, g in true_gain.items()
-        for seed in (1, 2, 3)
-    ]
+    results = []
+    for name, g in true_gain.items():
+        for seed in seeds:
+            shift = g + rng.normal(0, 0.005)  # the seed's
+            loss = [10 * (2 - shift) + rng.normal(0, 0.05) for _ in range(8)]
+            results.append(_result(name, seed, 2 - sum(loss) / (10 * len(loss)), loss))
+    return advice, results, names
+
+
+def test_validation_tests_each_score_against_parameter_count():
+    from loraplace.advise.validate import analyze, render_validation
+
+    advice, results, names = _validation()
     report = analyze(advice, results, names)
     rules = {r["rule"]: r for r in report["rules"]}
-    assert report["best"] == "a"
+    assert report["best"] == "c0" and report["resampled"] == "candidates"
     assert rules["grad"]["spearman"] == pytest.approx(1.0) and rules["grad"]["regret"] == 0
-    assert rules["plop"]["spearman"] == pytest.approx(-1.0) and rules["plop"]["recommends"] == "d"
+    assert rules["plop"]["spearman"] == pytest.approx(-1.0) and rules["plop"]["recommends"] == "c11"
     assert rules["inverted plop"]["regret"] == 0 and rules["plop"]["regret"] > 0
-    assert rules["random (expected)"]["regret"] > 0
-    assert "beat parameter count" in report["verdicts"]["grad"]
-    assert "lost to parameter count" in report["verdicts"]["plop"]
-    assert "not resolved" in report["verdicts"]["lora_b"]
-    assert "| grad | a | 1.00 |" in render_validation(report)
+    assert report["verdicts"]["grad"].startswith("beat parameter count")
+    assert report["verdicts"]["plop"].startswith("lost to parameter count")
+    assert report["verdicts"]["lora_b"].startswith(
+        "not distinguishable from parameter count (Spearman difference +0.00"
+    )
+    against = {t["score"]: t for t in report["against_params"]}
+    assert [against[s]["p_adjusted"] for s in ("grad", "lora_b", "plop")] == pytest.approx(
+        holm([against[s]["p_value"] for s in ("grad", "lora_b", "plop")])
+    )
+    lo, hi = rules["params"]["spearman_ci"]  # over candidates: a real spread, not a point
+    assert lo < rules["params"]["spearman"] < hi and hi - lo > 0.05
+    assert "| grad | c0 | 1.00 |" in render_validation(report)
+
+
+def test_regret_standard_errors_are_standard_errors():
+    """Runs that differ from their strategy's mean by a seed offset alone: the regret's SE is
+    the seeds' sqrt(sum c^2 s^2 / k), for one choice and for a random one alike."""
+    from loraplace.advise.validate import regret
+    from loraplace.analysis.metrics import METRICS, per_example
+
+    offsets = {"a": [0.0, 0.2], "b": [0.1, 0.5], "c": [0.3, 0.3]}  # each candidate's two seeds
+    results = [
+        _result(name, seed, 0.0, [10 * (1 + off)] * 5)
+        for name, offs in offsets.items()
+        for seed, off in enumerate(offs)
+    ]
+    losses = per_example(results, METRICS[0])
+    var = {n: np.var(o, ddof=1) for n, o in offsets.items()}
+    loss, se = regret(losses, "a", {"b": 1.0})
+    assert loss == pytest.approx(0.2) and se == pytest.approx(np.sqrt((var["a"] + var["b"]) / 2))
+    loss, se = regret(losses, "a", dict.fromkeys(offsets, 1 / 3))
+    coefs = {"a": 1 / 3 - 1, "b": 1 / 3, "c": 1 / 3}
+    assert loss == pytest.approx(np.mean([0.1, 0.3, 0.3]) - 0.1)
+    assert se == pytest.approx(np.sqrt(sum(coefs[n] ** 2 * var[n] / 2 for n in offsets)))
+
+
+def test_seeds_are_resampled_only_where_there_are_enough():
+    from loraplace.advise.validate import MIN_SEEDS_TO_RESAMPLE, resample
+
+    gain = np.arange(12.0)[:, None] + np.arange(5.0)[None, :] / 10  # (candidates, seeds)
+    idx, means = resample(gain[:, :3], np.random.default_rng(0))
+    assert np.array_equal(means, gain[:, :3].mean(axis=1)[idx])  # candidates only
+    idx, means = resample(gain[:, :MIN_SEEDS_TO_RESAMPLE], np.random.default_rng(0))
+    assert not np.allclose(means, gain.mean(axis=1)[idx])  # each candidate's seeds drawn too
+    assert np.all(np.floor(means) == idx)  # a candidate's own seeds only
+
+
+def test_dependent_correlations_hold_their_level_and_see_a_real_difference():
+    """Simulated candidates: two scores correlated 0.5 with each other and equally (0.6) with
+    the gains are told apart in about 5 % of studies; a score at 0.9 against one at 0.3 in
+    most."""
+    from loraplace.advise.validate import _spearman, dependent_correlations
+
+    def rate(r1, r2, r12, n=12, studies=1500):
+        cov = np.array([[1, r1, r2], [r1, 1, r12], [r2, r12, 1]])
+        x = np.random.default_rng(1).multivariate_normal(np.zeros(3), cov, size=(studies, n))
+        g, s1, s2 = x[..., 0], x[..., 1], x[..., 2]
+        rho1, rho2, rho12 = _spearman(s1, g), _spearman(s2, g), _spearman(s1, s2)
+        p = [dependent_correlations(*r, n)[1] for r in zip(rho1, rho2, rho12, strict=True)]
+        return np.mean(np.array(p) < 0.05)
+
+    assert 0.02 <= rate(0.6, 0.6, 0.5) <= 0.08
+    assert rate(0.9, 0.3, 0.4) > 0.6
+    z, p = dependent_correlations(0.9, 0.5, 0.6, 12)
+    assert z > 0 and dependent_correlations(0.5, 0.9, 0.6, 12)[0] == pytest.approx(-z)
 
 
 @pytest.mark.slow
@@ -230,3 +301,4 @@ def test_validate_end_to_end_on_a_tiny_model(tiny_gpt2_dir, tmp_path, capsys):
     assert {"grad", "params", "always full", "random (expected)"} <= {
         r["rule"] for r in report["rules"]
     }
+    assert all(r["regret_se"] >= 0 for r in report["rules"])

@@ -267,6 +267,8 @@ def test_bad_choice_lists_the_choices(item, choices):
     [
         ("dropout=1", "dropout"),
         ("warmup_ratio=-0.1", "warmup_ratio"),
+        ("smallest_effect=0", "smallest_effect"),
+        ("smallest_effect=5", "fraction above 0 and at most 1"),
         ("seeds=[]", "seed"),
         ("report_to=[mlflow]", "mlflow"),
     ],
@@ -349,5 +351,6 @@ def test_only_settings_that_change_a_run_decide_whether_it_is_reused():
 
     base = run_settings({})
     assert run_settings({"reuse_process": False, "seeds": [1, 2], "max_retries": 5}) == base
+    assert run_settings({"smallest_effect": 0.05}) == base  # the report's power plan only
     assert run_settings({"packing": False}) != base
     assert run_settings({"fused_lora": False}) != base

@@ -9,7 +9,7 @@ import subprocess
 import pandas as pd
 import pytest
 
-from loraplace.analysis.stats import COMPARISON_COLUMNS
+from loraplace.analysis.compare import COMPARISON_COLUMNS
 from loraplace.cli import main
 
 
@@ -24,11 +24,13 @@ def test_study_writes_aggregate_comparisons_and_report(tiny_study):
     ).all()
     comparisons = pd.read_csv(tiny_study / "comparisons.csv")
     assert list(comparisons.columns) == list(COMPARISON_COLUMNS)
-    assert (
-        len(comparisons) == 3
-        and (comparisons["n_examples"] == 6).all()
-        and (comparisons["n_seeds"] == 2).all()
-    )
+    assert len(comparisons) == 3 and (comparisons["metric"] == "eval_loss").all()
+    assert (comparisons["n_examples"] == 6).all()
+    assert (comparisons["seeds_a"] == 2).all() and (comparisons["seeds_b"] == 2).all()
+    # the test is on the table's quantity: the difference of the strategies' mean eval loss
+    means = agg.set_index("strategy")["eval_loss_mean"]
+    for row in comparisons.itertuples():
+        assert row.mean_diff == pytest.approx(means[row.strategy_a] - means[row.strategy_b])
     md = (tiny_study / "report.md").read_text()
     for section in (
         "## Answer",
@@ -37,8 +39,11 @@ def test_study_writes_aggregate_comparisons_and_report(tiny_study):
         "frozen products in training",
         "| threads | ",
         "## Results",
-        "## Paired comparisons",
+        "## Eval loss across training seeds and evaluation examples",
         "Holm",
+        "## Variance components: eval loss",
+        "## Power plan: eval loss",
+        "## Eval loss for these trained adapters, on new evaluation examples",
         "## Greedy generations",
         "untrained model",
         "Pareto",
@@ -47,6 +52,12 @@ def test_study_writes_aggregate_comparisons_and_report(tiny_study):
         assert section in md, section
     html = (tiny_study / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4 and 'src="curves.png"' not in html
+    # the two-level verdict, its variance components and the power plan are on the page
+    answer = html.split("<h2>Answer</h2>")[1].split("<h2>")[0]
+    assert "across training seeds and evaluation examples" in answer.lower()
+    for text in ("<h2>Variance components: eval loss</h2>", "seed x example", "strategy x example",
+                 "<h2>Power plan: eval loss</h2>", "seeds per strategy"):  # fmt: skip
+        assert text in html, text
 
 
 def test_report_rebuilds_from_old_and_failed_results(tiny_study, tmp_path, capsys):
@@ -78,8 +89,15 @@ def test_report_rebuilds_from_old_and_failed_results(tiny_study, tmp_path, capsy
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 5 and list(summary["status"]).count("failed") == 1
     comparisons = pd.read_csv(out / "comparisons.csv")
-    # paired on common seeds only: attention has losses for seed 2, ffn and full for seed 1
-    assert comparisons[["strategy_a", "strategy_b"]].values.tolist() == [["full", "ffn"]]
+    # every run with per-example losses counts: attention has seed 2 alone, ffn and full seed 1
+    assert comparisons[["strategy_a", "strategy_b", "seeds_a", "seeds_b"]].values.tolist() == [
+        ["full", "attention", 1, 1],
+        ["full", "ffn", 1, 1],
+        ["attention", "ffn", 1, 1],
+    ]
+    assert comparisons["p_value"].isna().all()  # one seed each: no two-level verdict
+    answer = md.split("## Answer")[1].split("##")[0]
+    assert "No difference in eval loss can be tested across training seeds" in answer
 
 
 def test_report_on_a_folder_without_results(tmp_path, capsys):
@@ -185,3 +203,65 @@ def test_the_setup_says_how_many_threads_each_run_had_and_when_times_do_not_comp
     )
     assert _threads([{"strategy": "full", "seed": 1}]) == "not recorded"
     assert _threads([run("full", 4, None)]) == "4 threads a run"  # a Ray task's
+
+
+def _edit_results(out, edit) -> None:
+    """Apply `edit(result)` to every result under `out` (without a checksum, as an earlier
+    version wrote them, so the edit does not read as damage)."""
+    for path in sorted(out.glob("runs/*/seed-*/result.json")):
+        data = json.loads(path.read_text())
+        data.pop("checksum", None)
+        edit(data)
+        path.write_text(json.dumps(data))
+
+
+def test_a_task_metric_gets_the_same_two_level_comparison(tiny_study, tmp_path):
+    """Runs that store per-example ROUGE-L and exact match (`task` in result.json) get the
+    same comparisons, variance components and power plan as eval loss."""
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    better = {"full": 0.3, "attention": 0.0, "ffn": 0.0}
+
+    def add_task(r):
+        n = len(r["per_example"]["loss"])
+        rouge = [0.2 + better[r["strategy"]] + 0.01 * ((i * 7 + r["seed"]) % 5) for i in range(n)]
+        r["task"] = {"rouge_l": rouge, "exact_match": [float(i % 2) for i in range(n)]}
+
+    _edit_results(out, add_task)
+    assert main(["report", str(out), "--smallest-effect", "0.05"]) == 0
+    comparisons = pd.read_csv(out / "comparisons.csv")
+    assert (
+        comparisons["metric"].tolist() == ["eval_loss"] * 3 + ["rouge_l"] * 3 + ["exact_match"] * 3
+    )
+    rouge = comparisons[comparisons["metric"] == "rouge_l"].set_index(["strategy_a", "strategy_b"])
+    assert rouge.loc[("full", "attention"), "verdict"].startswith(
+        "full has higher ROUGE-L than attention across training seeds and evaluation examples"
+    )
+    html = (out / "report.html").read_text()
+    for text in (
+        "ROUGE-L across training seeds and evaluation examples",
+        "Variance components: ROUGE-L",
+        "Power plan: exact match",
+        "a 5 % difference in eval loss",  # the option reached the plan
+        "Highest mean ROUGE-L in these runs: full",
+    ):
+        assert text in html, text
+
+
+def test_report_options_and_mixed_evaluation_sets_are_one_sentence(tiny_study, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert main(["report", str(out), "--smallest-effect", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "smallest_effect must be a fraction above 0 and at most 1" in err
+    assert len(err.strip().splitlines()) == 1
+
+    def shorter(r):
+        if r["strategy"] == "ffn" and r["seed"] == 2:
+            r["per_example"] = {k: v[:-1] for k, v in r["per_example"].items()}
+
+    _edit_results(out, shorter)
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "were evaluated on different examples" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1

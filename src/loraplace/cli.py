@@ -94,7 +94,7 @@ def cmd_report(args) -> int:
     if not Path(args.out).is_dir():  # build() says so in its own words
         build(args.out)
     with holding(args.out, "report"):
-        paths = build(args.out, args.reference, args.compare)
+        paths = build(args.out, args.reference, args.compare, args.smallest_effect)
     print(_summary_text(paths["summary.csv"]))
     print(f"\nreport: {paths['report.html']} and {paths['report.md']}")
     return 0
@@ -312,6 +312,13 @@ def _report_parser(sub) -> None:
     p.add_argument("--reference", help="reference strategy (default: the study's, else full)")
     p.add_argument(
         "--compare", choices=["all", "reference"], help="all pairs, or each against the reference"
+    )
+    p.add_argument(
+        "--smallest-effect",
+        type=float,
+        metavar="FRACTION",
+        help="the power plan's smallest relative difference of interest (default: the study's "
+        "smallest_effect, else 0.01: 1 %%)",
     )
     p.set_defaults(func=cmd_report)
 

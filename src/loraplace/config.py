@@ -95,6 +95,8 @@ class StudyConfig:
     # reporting
     reference: str = "full"
     compare: str = "all"  # all pairs, or "reference"
+    # the report's power plan: the smallest relative difference of interest (0.01: 1 %)
+    smallest_effect: float = 0.01
     generations: int = 3
     # the evaluation curve's points at every epoch end (the seed's curves); off: the final
     # evaluation only, which saves a run (epochs - 1) evaluations
@@ -193,7 +195,7 @@ def idle_fast_paths(cfg: StudyConfig) -> list[str]:
 # how the report compares them, when a run may stop and resume.
 NOT_RUN_KEYS = (
     "strategies", "layer_study", "seeds", "reference", "compare", "report_to", "wandb_project",
-    "equal_budget", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
+    "equal_budget", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "smallest_effect",
     "executor", "ray_address", "gpus_per_run", "cpus_per_run", "max_retries",
     *(p.key for p in FAST_PATHS if p.per_study),
 )  # fmt: skip
@@ -288,6 +290,11 @@ def _validate(cfg: StudyConfig) -> None:
     if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
         raise UserError(
             f"config key 'gpus_per_run' must be a fraction of one GPU or a whole number, got {gpus!r}"
+        )
+    if not 0 < cfg.smallest_effect <= 1:
+        raise UserError(
+            "config key 'smallest_effect' must be a fraction above 0 and at most 1 (0.01 is a "
+            f"1 % difference), got {cfg.smallest_effect!r}"
         )
     if not 0 <= cfg.dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
         raise UserError("dropout and warmup_ratio must be in [0, 1)")

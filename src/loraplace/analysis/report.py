@@ -20,6 +20,9 @@ import pandas as pd
 import yaml
 
 from loraplace.analysis import plots, stats
+from loraplace.analysis.answer import comparison_blocks, headline
+from loraplace.analysis.compare import COMPARISON_COLUMNS, Comparison, compare
+from loraplace.analysis.metrics import METRICS, per_example
 from loraplace.core.errors import UserError
 from loraplace.core.results import (
     SUMMARY_COLUMNS,
@@ -48,6 +51,8 @@ HYPERPARAMETERS = (
 
 
 def _fmt(x) -> str:
+    if x is pd.NA or x is None:  # a missing count (Int64 columns)
+        return "–"
     if isinstance(x, float | np.floating):
         if math.isnan(x):
             return "–"
@@ -85,25 +90,46 @@ def _missing(config: dict, results: list[dict]) -> list[str]:
 
 
 def tables(
-    results: list[dict], reference: str, compare: str
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    results: list[dict], reference: str, compare_with: str, smallest_effect: float = 0.01
+) -> tuple[pd.DataFrame, pd.DataFrame, list[Comparison]]:
+    """(one row per run, one per strategy, each metric's comparisons) from the results."""
     summary = pd.DataFrame(summary_rows(results, reference), columns=SUMMARY_COLUMNS)
     agg = stats.aggregate(summary)
     params = summary.groupby("strategy", sort=False)["trainable_params"].first()
     agg.insert(2, "trainable_params", agg["strategy"].map(params))
-    per_example = {
-        (r["strategy"], r["seed"]): np.asarray(r["per_example"]["loss"], dtype=float)
-        for r in results
-        if r.get("status") == "ok" and "per_example" in r
-    }
-    names = list(dict.fromkeys(s for s, _ in per_example))
-    ref = reference if compare == "reference" and reference in names else None
-    comparisons = (
-        stats.compare_strategies(per_example, names, reference=ref)
-        if len(names) > 1
-        else pd.DataFrame(columns=stats.COMPARISON_COLUMNS)
-    )
+    comparisons = []
+    for metric in METRICS:
+        found = per_example(results, metric)
+        if found is None or len(found.values) < 2:
+            continue
+        if next(iter(found.values.values())).shape[1] < 2:
+            continue  # a comparison over examples needs two of them
+        ref = reference if compare_with == "reference" else None
+        comparisons.append(compare(found, ref, smallest_effect))
     return summary, agg, comparisons
+
+
+def comparisons_csv(comparisons: list[Comparison]) -> pd.DataFrame:
+    """Every metric's comparison rows in one table (COMPARISON_COLUMNS)."""
+    frames = [c.table for c in comparisons if len(c.table)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=COMPARISON_COLUMNS)  # fmt: skip
+
+
+def smallest_effect_of(value, config: dict) -> float:
+    """The smallest relative difference of interest: the option, else the study's config key,
+    else 1 %; UserError for anything but a fraction in (0, 1]."""
+    value = config.get("smallest_effect", 0.01) if value is None else value
+    try:
+        found = float(value)
+    except (TypeError, ValueError):
+        found = math.nan
+    if not 0 < found <= 1:
+        raise UserError(
+            f"smallest_effect must be a fraction above 0 and at most 1 (0.01 is a 1 % "
+            f"difference), not {value!r}"
+        )
+    return found
 
 
 def _by_run(runs: list[dict], label) -> tuple[str, bool]:
@@ -208,21 +234,35 @@ REPORT_FILES = (
 )
 
 
-def build(out: Path, reference: str | None = None, compare: str | None = None) -> dict[str, Path]:
-    """Write every table, figure and report under `out`; return their paths."""
+def build(
+    out: Path,
+    reference: str | None = None,
+    compare_with: str | None = None,
+    smallest_effect: float | None = None,
+) -> dict[str, Path]:
+    """Write every table, figure and report under `out`; return their paths.
+
+    Args:
+        out: The study's folder.
+        reference: The reference strategy (default: the study's config, else full).
+        compare_with: "all" pairs or each against the "reference" (default: the config's).
+        smallest_effect: The power plan's smallest relative difference of interest (default:
+            the config's smallest_effect, else 0.01).
+    """
     out = Path(out)
     results, damaged = _results(out)
     config = _read_config(out)
     _sort_as_configured(results, config)
     reference = reference or config.get("reference", "full")
-    compare = compare or config.get("compare", "all")
-    summary, agg, comparisons = tables(results, reference, compare)
+    compare_with = compare_with or config.get("compare", "all")
+    effect = smallest_effect_of(smallest_effect, config)
+    summary, agg, comparisons = tables(results, reference, compare_with, effect)
     ok = [r for r in results if r.get("status") == "ok"]
     paths = {name: out / name for name in REPORT_FILES}
-    _write_tables(paths, summary, agg, comparisons)
+    _write_tables(paths, summary, agg, comparisons_csv(comparisons))
     if ok:
         _draw_figures(paths, agg, ok)
-    notes = _notes(results, ok, damaged, _missing(config, results), agg)
+    notes = _notes(results, ok, damaged, _missing(config, results), agg, comparisons)
     blocks = report_blocks(ok[0] if ok else results[0], summary, agg, comparisons, notes, ok, paths)
     write_text(paths["report.md"], render_md(blocks))
     write_text(paths["report.html"], render_html(blocks, out))
@@ -276,10 +316,12 @@ def _draw_figures(paths: dict[str, Path], agg: pd.DataFrame, ok: list[dict]) -> 
 
 
 def _notes(
-    results: list[dict], ok: list[dict], damaged: list[str], missing: list[str], agg
-) -> list[str]:
+    results: list[dict], ok: list[dict], damaged: list[str], missing: list[str], agg,
+    comparisons: list[Comparison],
+) -> list[str]:  # fmt: skip
     """What the report's tables leave out or cannot say, a paragraph each: failed, damaged and
-    missing runs, fast paths that fell back, runs without per-example losses, a single seed."""
+    missing runs, fast paths that fell back, runs without per-example losses, examples left
+    out, a single seed."""
     notes = []
     failed = [
         f"{r['strategy']} seed {r['seed']}: {r.get('error', 'unknown error')}"
@@ -301,14 +343,22 @@ def _notes(
         notes.append("Missing runs (no result file yet): " + ", ".join(missing))
     if old:
         notes.append(
-            "Runs without per-example losses (an earlier version; left out of the paired comparisons): "
+            "Runs without per-example losses (an earlier version; left out of the comparisons): "
             + ", ".join(old)
         )
+    for c in comparisons:
+        if c.found.dropped:
+            notes.append(
+                f"{c.found.dropped} evaluation examples without target tokens or with a missing "
+                f"{c.found.metric.label} in some run are left out of the comparisons of "
+                f"{c.found.metric.label}."
+            )
     if agg["n_seeds"].max() < 2:
         notes.append(
-            "One seed per strategy: the intervals over seeds are empty, and the paired tests below "
-            "treat the evaluation examples as the only source of chance, so they say nothing about "
-            "how much another seed would move the result; run several seeds (--seed 42 --seed 43 "
+            "One seed per strategy: the intervals over seeds are empty, and the comparisons "
+            "across training seeds give no verdict, since the seed-to-seed variance cannot be "
+            "measured from one seed; the per-example tests below hold these trained adapters "
+            "fixed and say nothing about another seed. Run several seeds (--seed 42 --seed 43 "
             "--seed 44) for that."
         )
     return notes
@@ -335,7 +385,7 @@ FIGURES = (
 
 def report_blocks(first, summary, agg, comparisons, notes, ok, paths) -> list[tuple[str, object]]:
     """The report as (kind, content) blocks, in order: answer, setup, what is missing, results,
-    every run, paired comparisons, the figures drawn, generations."""
+    every run, the comparisons (answer.py), the figures drawn, generations."""
     blocks: list[tuple[str, object]] = [
         ("h1", "loraplace report: where should the LoRA adapters go?"),
         ("h2", "Answer"),
@@ -349,30 +399,11 @@ def report_blocks(first, summary, agg, comparisons, notes, ok, paths) -> list[tu
         ("table", agg[[c for c in RESULT_COLUMNS if c in agg]]),
     ]
     blocks += [("h2", "Every run"), ("table", summary)]
-    blocks += _comparison_blocks(comparisons)
+    blocks += comparison_blocks(comparisons)
     for name, title in FIGURES:
         if paths[name].is_file():
             blocks += [("h2", title), ("img", name)]
     return blocks + _generation_blocks(ok)
-
-
-def _comparison_blocks(comparisons: pd.DataFrame) -> list[tuple[str, object]]:
-    blocks: list[tuple[str, object]] = [
-        ("h2", "Paired comparisons on the same evaluation examples")
-    ]
-    if not len(comparisons):
-        return blocks + [("p", "No pair of strategies with per-example losses on common seeds.")]
-    blocks.append(
-        (
-            "p",
-            "mean_diff is the mean per-example loss of strategy_a minus strategy_b (seeds averaged per example first); ci is a 95% percentile bootstrap over examples; p_value is a two-sided Wilcoxon signed-rank test; p_adjusted is Holm-corrected over all comparisons in the table.",
-        )
-    )
-    blocks.append(("table", comparisons.drop(columns=["verdict"])))
-    return blocks + [
-        ("p", f"{row.strategy_a} vs {row.strategy_b}: {row.verdict}.")
-        for row in comparisons.itertuples()
-    ]
 
 
 def _generation_blocks(ok: list[dict]) -> list[tuple[str, object]]:
@@ -396,40 +427,6 @@ def _generation_blocks(ok: list[dict]) -> list[tuple[str, object]]:
             ("table", pd.DataFrame(rows, columns=["model", "generation"])),
         ]
     return blocks
-
-
-def headline(agg: pd.DataFrame, comparisons: pd.DataFrame) -> str:
-    """The answer in two sentences, claiming only what the corrected tests support."""
-    ran = agg[agg["n_seeds"] > 0]
-    if ran.empty:
-        return "No run finished, so there is no answer yet."
-    best = ran.loc[ran["eval_loss_mean"].idxmin()]
-    seeds = int(best["n_seeds"])
-    text = (
-        f"Lowest mean eval loss: {best['strategy']} ({best['eval_loss_mean']:.4f} over {seeds} "
-        f"seed{'s' if seeds != 1 else ''}, {int(best['trainable_params']):,} trainable parameters)."
-    )
-    if len(comparisons) == 0:
-        return text + " No paired comparison was possible."
-    resolved = comparisons[comparisons["p_adjusted"] < 0.05]
-    if resolved.empty:
-        return text + (
-            " No difference between strategies is resolved at this sample size (Holm-corrected "
-            "Wilcoxon tests, p >= 0.05), so this ranking may be noise; the comparisons say how "
-            "many examples would be needed."
-        )
-    caveat = (
-        " With one seed these tests cover example-to-example variation only, not seed-to-seed."
-        if comparisons["n_seeds"].max() < 2
-        else ""
-    )
-    return (
-        text
-        + " Resolved (Holm-corrected p < 0.05): "
-        + "; ".join(resolved["verdict"])
-        + "."
-        + caveat
-    )
 
 
 def render_md(blocks) -> str:
