@@ -53,14 +53,15 @@ test-faults: install
 	$(BIN)/python -m pytest -q tests/test_faults.py
 
 # The seed-size offline study, the plain way and loraplace's way, side by side (about 40 min here).
+# The benchmarks live outside the package, in benchmarks/.
 bench: install
-	$(BIN)/loraplace bench --data ../shared/data/alpaca_head200.json --train-split 'train[:100]' \
+	$(BIN)/python benchmarks/bench.py --data ../shared/data/alpaca_head200.json --train-split 'train[:100]' \
 	  --eval-split 'train[100:120]' --epochs 3 --strategy full --strategy attention --strategy ffn \
 	  --out runs/bench
 
-# The GPU benchmark (python -m loraplace.gpubench; planned for under 6 min on one H200):
+# The GPU benchmark (benchmarks/gpubench.py; planned for under 6 min on one H100 or H200):
 # throughput, MFU and peak memory of LoRA training on three models, then the seed-size study
-# plain vs loraplace.
+# plain vs loraplace, both in the precision loraplace resolves.
 # Results go to $OUT (default runs/bench-gpu) as they come. Its CPU dry run is a test
 # (tests/test_gpubench.py). On a machine without network whose own python has torch with CUDA:
 # `make bench-gpu GPU_PYTHON=python3` (no install; loraplace is imported from src/).
@@ -68,11 +69,11 @@ BENCH_GPU_OUT ?= runs/bench-gpu
 GPU_PYTHON ?=
 bench-gpu: $(if $(GPU_PYTHON),,install)
 	$(if $(GPU_PYTHON),PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON),$(BIN)/python) \
-	  -m loraplace.gpubench --out "$${OUT:-$(BENCH_GPU_OUT)}"
+	  benchmarks/gpubench.py --out "$${OUT:-$(BENCH_GPU_OUT)}"
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs

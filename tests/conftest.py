@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # No test reaches the network: set before transformers / huggingface_hub read them.
@@ -13,27 +14,20 @@ os.environ["WANDB_MODE"] = "disabled"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from tiny import GPT2, save_tiny_gpt2  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench.py, gpubench.py: outside the package
 SHARED = REPO.parent / "shared"
 ALPACA_HEAD = SHARED / "data" / "alpaca_head200.json"
 DIALOGPT = SHARED / "models" / "dialogpt-medium"
 
 # Every architecture the role classifier must handle, at toy size.
 TINY = {
-    "gpt2": dict(
-        n_embd=32,
-        n_layer=4,
-        n_head=4,
-        n_positions=512,
-        vocab_size=128,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    ),
+    "gpt2": GPT2,
     "llama": dict(
         hidden_size=32,
         intermediate_size=64,
@@ -106,23 +100,7 @@ def tiny_model(kind: str, device: str = "cpu") -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     """A tiny random GPT-2 with a real GPT-2-style byte-level tokenizer, saved like a hub model."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    vocab = {chr(i): i for i in range(127)}  # one token per ASCII character
-    vocab["<|endoftext|>"] = 127
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
-    )
-    fast.save_pretrained(path)
-    model = tiny_model("gpt2")
-    model.config.eos_token_id = model.config.bos_token_id = 127
-    model.save_pretrained(path)
-    return path
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from conftest import DIALOGPT
 
 from loraplace.cli import main
 from loraplace.plan.budget import cost_per_rank, equalize, solve_ranks
-from loraplace.plan.models import meta_model, resolve
+from loraplace.plan.models import meta_model, resolve_model
 from loraplace.plan.placement import place
 from loraplace.plan.roles import classify
 from loraplace.plan.strategies import BUILTINS, layer_study, parse_strategy
@@ -15,12 +15,12 @@ from loraplace.plan.strategies import BUILTINS, layer_study, parse_strategy
 
 @pytest.fixture(scope="module")
 def dialogpt_modules():
-    return classify(meta_model(resolve(str(DIALOGPT))))
+    return classify(meta_model(resolve_model(str(DIALOGPT))))
 
 
 @pytest.fixture(scope="module")
 def smollm_modules():
-    return classify(meta_model(resolve("embedded")))
+    return classify(meta_model(resolve_model("embedded")))
 
 
 @pytest.mark.parametrize("model", ["dialogpt_modules", "smollm_modules"])

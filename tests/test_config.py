@@ -9,7 +9,7 @@ import yaml
 
 from loraplace.config import StudyConfig, load_config
 from loraplace.core.errors import UserError
-from loraplace.runner import resolve_strategies
+from loraplace.plan.strategies import resolve_strategies
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -82,7 +82,7 @@ def test_shipped_config_loads_and_validates(path):
     for key, value in raw.items():
         assert getattr(cfg, key) == value, key
     # the strategies it names exist, and the names it refers to are among them
-    names = [s.name for s in resolve_strategies(cfg)]
+    names = [s.name for s in resolve_strategies(cfg.strategies, cfg.layer_study)]
     assert cfg.reference in names
     if cfg.equal_budget:
         assert cfg.equal_budget in names

@@ -6,27 +6,21 @@ import json
 import math
 
 import pytest
+from bench import main as bench_main
 from conftest import ALPACA_HEAD
 
-from loraplace.cli import main
 from loraplace.config import StudyConfig
 from loraplace.fast.hardware import Machine
-from loraplace.plan.strategies import BUILTINS, to_dict
+from loraplace.study.prepare import spec_for
 from loraplace.train.run import train_run
 
 
 @pytest.mark.slow
 def test_a_few_steps_on_the_embedded_model(tmp_path):
     cfg = StudyConfig(model="embedded", data=str(ALPACA_HEAD), train_split="train[:8]", eval_split="train[100:102]",
-                      epochs=1, max_length=128, generations=1, max_new_tokens=8)  # fmt: skip
-    result = train_run(
-        {
-            "config": cfg.to_dict(),
-            "strategy": to_dict(BUILTINS["attention"]),
-            "seed": 42,
-            "run_dir": str(tmp_path),
-        }
-    )
+                      epochs=1, max_length=128, generations=1, max_new_tokens=8,
+                      strategies=["attention"])  # fmt: skip
+    result = train_run(spec_for(cfg, "attention", 42, tmp_path))
     m = result["metrics"]
     assert m["trainable_params"] == 1_843_200 and m["optimizer_steps"] == 2
     assert result["packed"] is True  # the block-diagonal packing was verified exact on SmolLM2
@@ -41,10 +35,10 @@ def test_a_few_steps_on_the_embedded_model(tmp_path):
 
 def test_bench_runs_both_paths_side_by_side(tiny_gpt2_dir, tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["bench", "--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD), "--train-split", "train[:8]",
+    argv = ["--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD), "--train-split", "train[:8]",
             "--eval-split", "train[100:104]", "--epochs", "1", "--strategy", "full", "--strategy", "attention",
             "--set", "max_length=64", "--out", str(out)]  # fmt: skip
-    assert main(argv) == 0
+    assert bench_main(argv) == 0
     report = json.loads((out / "bench.json").read_text())
     assert [r["strategy"] for r in report["rows"]] == ["full", "attention"]
     for row in report["rows"]:
@@ -72,7 +66,7 @@ def test_bench_runs_both_paths_side_by_side(tiny_gpt2_dir, tmp_path, capsys):
 
 
 def test_training_flops_counts_each_part_once():
-    from loraplace.bench import training_flops
+    from bench import training_flops
 
     # one frozen 4x8 linear (32 MACs per token) with a rank-2 adapter, 1 layer, attention width 4
     result = {

@@ -14,19 +14,21 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ALPACA_HEAD, DIALOGPT, tiny_model
 
-from loraplace import runner
 from loraplace.config import StudyConfig
 from loraplace.core.errors import UserError
 from loraplace.fast import gpus, hardware
 from loraplace.fast.hardware import Machine, pick_attention, pick_precision, resolve_paths
 from loraplace.plan.memory import CUDA_CONTEXT_MB, run_memory
-from loraplace.train import server
+from loraplace.study import local, worker
+from loraplace.study.prepare import Prepared
+from loraplace.study.spec import RunSpec
 
 FAKE_CUDA = Path(__file__).parent / "fakecuda"
 H100 = "NVIDIA H100 80GB HBM3"
@@ -82,7 +84,7 @@ def _preload_in_child(env: dict) -> dict:
 @pytest.mark.slow
 def test_the_fork_servers_preload_initialises_no_cuda_since_the_server_sees_no_gpu():
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    served = _preload_in_child(env | server.HIDE_GPUS)  # as Worker starts the server
+    served = _preload_in_child(env | worker.HIDE_GPUS)  # as Worker starts the server
     assert served == {"initialized": False, "error": None}
     if importlib.util.find_spec("bitsandbytes"):
         # the fake can tell: with the GPUs visible, PEFT's import of bitsandbytes queries them
@@ -97,12 +99,12 @@ def test_the_server_is_started_without_gpus_and_serves_cpu_runs_only(monkeypatch
             started.update(kwargs)
             raise OSError("not started in this test")
 
-    monkeypatch.setattr(server.subprocess, "Popen", Popen)
+    monkeypatch.setattr(worker.subprocess, "Popen", Popen)
     with pytest.raises(OSError):
-        server.Worker()
+        worker.Worker()
     assert started["env"]["CUDA_VISIBLE_DEVICES"] == ""
-    assert server.uses_worker(True, "cpu") == server.peak_memory_restartable()
-    assert not server.uses_worker(True, "cuda") and not server.uses_worker(True, "mps")
+    assert worker.uses_worker(True, "cpu") == worker.peak_memory_restartable()
+    assert not worker.uses_worker(True, "cuda") and not worker.uses_worker(True, "mps")
 
 
 def _fake_runs(monkeypatch, seconds: float = 0.0) -> list[dict]:
@@ -125,15 +127,21 @@ def _fake_runs(monkeypatch, seconds: float = 0.0) -> list[dict]:
     def no_worker(*args, **kwargs):
         raise AssertionError("a CUDA run went to the fork server")
 
-    monkeypatch.setattr(server.subprocess, "run", run)
-    monkeypatch.setattr(server, "Worker", no_worker)
+    monkeypatch.setattr(worker.subprocess, "run", run)
+    monkeypatch.setattr(worker, "Worker", no_worker)
     return calls
 
 
-def _specs(tmp_path: Path, n: int, device: str = "cuda") -> list[dict]:
+def _specs(tmp_path: Path, n: int, device: str = "cuda") -> list[RunSpec]:
+    from loraplace.fast.hardware import Paths
+    from loraplace.plan.placement import AdapterPlan
+    from loraplace.plan.strategies import BUILTINS
+
+    paths = Paths(device, False, False, False, False, "float32", "bf16")
+    plan = AdapterPlan({}, 0, {})
     return [
-        {"strategy": {"name": f"s{i}"}, "seed": 1, "config": {},
-         "paths": {"device": device}, "run_dir": str(tmp_path / f"s{i}" / "seed-1")}
+        RunSpec(StudyConfig(), replace(BUILTINS["full"], name=f"s{i}"), 1, plan, paths,
+                str(tmp_path / f"s{i}" / "seed-1"), {})
         for i in range(n)
     ]  # fmt: skip
 
@@ -141,8 +149,8 @@ def _specs(tmp_path: Path, n: int, device: str = "cuda") -> list[dict]:
 def test_a_cuda_study_starts_every_run_in_a_fresh_process(monkeypatch, tmp_path):
     calls = _fake_runs(monkeypatch)
     cfg = StudyConfig(reuse_process=True)
-    runner.run_local(
-        _specs(tmp_path, 2), cfg, tmp_path, lambda _: None, runner.Schedule(1, gpus=("0",))
+    local.run_local(
+        _specs(tmp_path, 2), cfg, tmp_path, lambda _: None, local.Schedule(1, gpus=("0",))
     )
     assert len(calls) == 2
     for call in calls:
@@ -153,20 +161,22 @@ def test_a_cuda_study_starts_every_run_in_a_fresh_process(monkeypatch, tmp_path)
 
 
 def _prepared(device="cuda", need_mb=10_000.0):
+    from loraplace.fast.hardware import Paths
     from loraplace.plan.memory import RunMemory
 
-    return runner.Prepared([], {"device": device}, {}, {}, ((), None), 500.0,
-                           RunMemory(need_mb - CUDA_CONTEXT_MB, 0.0, 0.0, reserve=1.0))  # fmt: skip
+    paths = Paths(device, False, False, False, False, "float32", "bf16")
+    return Prepared([], paths, {}, {}, ((), None), 500.0,
+                    RunMemory(need_mb - CUDA_CONTEXT_MB, 0.0, 0.0, reserve=1.0))  # fmt: skip
 
 
 def test_on_an_eight_gpu_host_each_run_gets_its_own_gpu_and_all_eight_work(
     gpu_host, monkeypatch, tmp_path
 ):
     gpu_host(8)
-    schedule = runner.local_plan(StudyConfig(), 16, _prepared())
+    schedule = local.local_plan(StudyConfig(), 16, _prepared())
     assert schedule.at_once == 8 and schedule.gpus == tuple(str(i) for i in range(8))
     calls = _fake_runs(monkeypatch, seconds=0.2)
-    runner.run_local(_specs(tmp_path, 16), StudyConfig(), tmp_path, lambda _: None, schedule)
+    local.run_local(_specs(tmp_path, 16), StudyConfig(), tmp_path, lambda _: None, schedule)
     seen = [c["env"]["CUDA_VISIBLE_DEVICES"] for c in calls]
     assert all(len(s.split(",")) == 1 for s in seen)  # one GPU a run: no DataParallel
     assert sorted(seen) == sorted([str(i) for i in range(8)] * 2)
@@ -189,8 +199,8 @@ def test_several_runs_share_a_gpu_only_when_asked_and_the_users_gpu_list_is_kept
         "gpus": [{"id": i, "name": H100, "capability": [9, 0], "total_mb": 8e4, "free_mb": 8e4}
                  for i in ("3", "5")], "flash_attn": {}})  # fmt: skip
     hardware._here.cache_clear()
-    assert runner.local_plan(StudyConfig(), 5, _prepared()).gpus == ("3", "5")
-    two = runner.local_plan(StudyConfig(runs_per_device="2"), 5, _prepared())
+    assert local.local_plan(StudyConfig(), 5, _prepared()).gpus == ("3", "5")
+    two = local.local_plan(StudyConfig(runs_per_device="2"), 5, _prepared())
     assert (two.at_once, two.gpus) == (4, ("3", "5", "3", "5"))
 
 
@@ -213,14 +223,14 @@ def test_a_run_that_sees_several_gpus_refuses_to_train_with_a_changed_batch(
 ):
     from transformers import TrainingArguments
 
-    from loraplace.plan.strategies import BUILTINS, to_dict
+    from loraplace.study.prepare import spec_for
     from loraplace.train import run as train
 
-    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 8))
     cfg = StudyConfig(model=str(tiny_gpt2_dir), data=str(ALPACA_HEAD), train_split="train[:4]",
-                      eval_split="train[100:102]", epochs=1, max_length=32, generations=0)  # fmt: skip
-    spec = {"config": cfg.to_dict(), "strategy": to_dict(BUILTINS["full"]), "seed": 1,
-            "run_dir": str(tmp_path / "run")}  # fmt: skip
+                      eval_split="train[100:102]", epochs=1, max_length=32, generations=0,
+                      strategies=["full"])  # fmt: skip
+    spec = spec_for(cfg, "full", 1, tmp_path / "run")
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 8))
     with pytest.raises(RuntimeError, match="sees 8 GPUs; a run trains on one"):
         train.train_run(spec)
 
@@ -320,7 +330,7 @@ def test_on_a_gpu_the_guard_reads_no_gradient_at_each_step():
 def test_a_base_loads_straight_in_the_runs_precision_and_onto_its_device(monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from loraplace.plan.models import resolve
+    from loraplace.plan.models import resolve_model
     from loraplace.train import load
 
     asked = []
@@ -330,10 +340,10 @@ def test_a_base_loads_straight_in_the_runs_precision_and_onto_its_device(monkeyp
         return tiny_model("llama").to(kwargs["dtype"])
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
-    model, _ = load.load_model(resolve(str(DIALOGPT)), torch.bfloat16, "none", "cuda", "sdpa")
+    model, _ = load.load_model(resolve_model(str(DIALOGPT)), torch.bfloat16, "none", "cuda", "sdpa")
     assert asked[-1]["dtype"] == torch.bfloat16 and asked[-1]["device_map"] == {"": "cuda"}
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # never 4 bytes a weight
-    load.load_model(resolve(str(DIALOGPT)), torch.float32, "none", "cpu")
+    load.load_model(resolve_model(str(DIALOGPT)), torch.float32, "none", "cpu")
     assert "device_map" not in asked[-1]  # the CPU path as it was
 
 
@@ -380,15 +390,15 @@ def test_the_memory_estimate_counts_each_process_context_and_the_allocator_reser
 
 def test_auto_runs_as_many_as_fit_on_each_gpu_from_the_first_round_on(gpu_host):
     gpu_host(1, free_mb=80_000.0)
-    schedule = runner.local_plan(StudyConfig(runs_per_device="auto"), 12, _prepared(need_mb=10_000))
+    schedule = local.local_plan(StudyConfig(runs_per_device="auto"), 12, _prepared(need_mb=10_000))
     assert schedule.at_once == 7 and schedule.gpus == ("0",) * 7  # 0.9 x 80 GB / 10 GB
-    assert runner.gpu_runs_that_fit(80_000.0, 50_000.0) == 1
-    assert runner.gpu_runs_that_fit(80_000.0, 1.0) == 8  # at most eight
+    assert local.gpu_runs_that_fit(80_000.0, 50_000.0) == 1
+    assert local.gpu_runs_that_fit(80_000.0, 1.0) == 8  # at most eight
 
 
 def test_ray_says_what_a_runs_share_of_a_gpu_must_hold():
-    from loraplace.cluster import gpu_share_note
     from loraplace.plan.memory import RunMemory
+    from loraplace.study.ray import gpu_share_note
 
     need = RunMemory(3000.0, 100.0, 2000.0)
     note = gpu_share_note(0.25, need)

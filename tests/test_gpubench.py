@@ -6,8 +6,7 @@ import json
 import math
 
 import pytest
-
-from loraplace.gpubench import main, render
+from gpubench import main, render
 
 MODELS = ["embedded", "dialogpt-medium", "llama-3.2-1b"]
 
@@ -63,7 +62,7 @@ def test_a_part_that_fails_is_recorded_and_the_rest_still_run(tmp_path):
 
 def test_results_are_whole_after_every_measurement(tmp_path, monkeypatch):
     """A benchmark killed after its first measurement still leaves both files, readable."""
-    from loraplace import gpubench
+    import gpubench
 
     def killed(spec, plan):
         raise KeyboardInterrupt  # what a timeout's signal looks like in Python

@@ -221,15 +221,14 @@ def test_a_path_that_fails_its_check_falls_back_and_says_so(
     tiny_gpt2_dir, tmp_path, monkeypatch, capsys
 ):
     from loraplace.config import StudyConfig
-    from loraplace.plan.strategies import BUILTINS, to_dict
+    from loraplace.study.prepare import spec_for
     from loraplace.train import run as train
 
     monkeypatch.setattr(train, "packing_is_exact", _never_exact)
     cfg = StudyConfig(model=str(tiny_gpt2_dir), data=str(ALPACA_HEAD), train_split="train[:4]",
-                      eval_split="train[100:102]", epochs=1, max_length=32, generations=0)  # fmt: skip
-    spec = {"config": cfg.to_dict(), "strategy": to_dict(BUILTINS["full"]), "seed": 1,
-            "run_dir": str(tmp_path / "run")}  # fmt: skip
-    result = train.train_run(spec)
+                      eval_split="train[100:102]", epochs=1, max_length=32, generations=0,
+                      strategies=["full"])  # fmt: skip
+    result = train.train_run(spec_for(cfg, "full", 1, tmp_path / "run"))
     assert result["packed"] is False and result["packed_eval"] is False
     assert {n["switch"] for n in result["fallbacks"]} >= {"packing", "pack_eval"}
     assert "note: packing is off for this run" in capsys.readouterr().out

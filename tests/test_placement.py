@@ -148,9 +148,9 @@ def test_seed_lists_on_llama_fall_back_to_roles():
 def test_dialogpt_medium_from_config_alone(capsys):
     from conftest import DIALOGPT
 
-    from loraplace.plan.models import meta_model, resolve
+    from loraplace.plan.models import meta_model, resolve_model
 
-    model = meta_model(resolve(str(DIALOGPT)))
+    model = meta_model(resolve_model(str(DIALOGPT)))
     modules = classify(model)
     assert base_params(model) == 354_823_168  # tied lm_head counted once
     assert place(modules, BUILTINS["full"]).trainable_params == 24 * 16 * (

@@ -108,10 +108,10 @@ def test_the_librarys_packed_rows_give_each_example_its_own_loss(kind, attention
 def test_the_packing_tolerances_lie_between_a_real_models_rounding_and_a_leak(precision):
     """What PACKING_TOLERANCE rests on: the embedded model, its real weights, in each precision
     (fp16 computed on the CPU here, as a GPU would)."""
-    from loraplace.plan.models import resolve
+    from loraplace.plan.models import resolve_model
     from loraplace.train.load import DTYPES, load_model
 
-    model, _ = load_model(resolve("embedded"), DTYPES[precision])
+    model, _ = load_model(resolve_model("embedded"), DTYPES[precision])
     tolerance = PACKING_TOLERANCE[precision]
     exact = float(packing_token_deltas(model, form="positions").abs().mean())
     leaked = float(packing_token_deltas(model, form="positions", leak=True).abs().mean())
@@ -211,7 +211,7 @@ def test_two_runs_at_once_give_what_they_give_one_by_one(capsys, tiny_gpt2_dir, 
 def test_a_cpu_study_of_two_runs_runs_them_at_once_with_half_the_cores_each(
     capsys, tiny_gpt2_dir, tmp_path, monkeypatch
 ):
-    from loraplace import runner
+    from loraplace.study import local as runner
 
     monkeypatch.setattr(runner, "cpu_cores", lambda: 2)
     monkeypatch.setattr(runner, "available_mb", lambda: 64 * 1024.0)

@@ -18,11 +18,11 @@ import pytest
 import yaml
 from conftest import ALPACA_HEAD, REPO
 
-from loraplace.cli import _study_config, build_parser, main
+from loraplace.cli import build_parser, main, study_config
 from loraplace.config import load_config
 from loraplace.core.errors import UserError
 from loraplace.core.results import damaged_results, load_results
-from loraplace.runner import run_study
+from loraplace.study.runner import run_study
 
 try:
     import ray
@@ -75,7 +75,7 @@ def run_processes() -> dict[int, tuple[int, str]]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if b"loraplace.cluster" in argv[:3] and len(argv) >= 4:
+        if b"loraplace.study.ray" in argv[:3] and len(argv) >= 4:
             parent = int(stat.rpartition(")")[2].split()[1])
             found[int(entry.name)] = (parent, argv[3].decode())
     return found
@@ -129,7 +129,7 @@ def test_the_kuberay_example_runs_a_valid_study_on_ray():
     assert argv[:2] == ["loraplace", "study"]
     args = build_parser().parse_args(argv[1:])
     args.config = str(REPO / "configs" / Path(args.config).name)  # the image's copy of configs/
-    assert _study_config(args).executor == "ray"
+    assert study_config(args).executor == "ray"
     cluster = manifest["spec"]["rayClusterSpec"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # runs go to workers
     (workers,) = cluster["workerGroupSpecs"]
@@ -353,7 +353,7 @@ def test_a_relative_data_path_reaches_nodes_that_do_not_share_the_drivers_folder
 
 
 def test_shipped_data_arrives_whole_or_not_at_all(tmp_path):
-    from loraplace.cluster import RunProcessDied, data_payload, unpack_data
+    from loraplace.study.ray import RunProcessDied, data_payload, unpack_data
 
     folder = tmp_path / "saved"
     (folder / "train").mkdir(parents=True)

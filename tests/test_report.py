@@ -169,8 +169,9 @@ def test_report_html_in_headless_chromium(tiny_study, tmp_path):
 def test_large_counts_are_grouped_and_a_missing_depth_sweep_is_named(tiny_study, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(tiny_study, out, ignore=shutil.ignore_patterns("*.safetensors"))
-    config = out / "config.yaml"
-    config.write_text(config.read_text().replace("layer_study: null", "layer_study: attn"))
+    study = json.loads((out / "study.json").read_text())  # what the study said it would run
+    study["runs"].append({"strategy": "attn-bottom-third", "seed": 1, "run_dir": "runs/x"})
+    (out / "study.json").write_text(json.dumps(study))
     assert main(["report", str(out)]) == 0
     md = (out / "report.md").read_text()
     assert "attn-bottom-third seed 1" in md.split("Missing runs")[1]  # the sweep never ran

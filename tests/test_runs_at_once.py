@@ -6,9 +6,10 @@ from dataclasses import astuple
 
 import pytest
 
-from loraplace import runner
 from loraplace.config import StudyConfig
-from loraplace.runner import Prepared, cpu_runs_at_once, local_plan
+from loraplace.study import local as runner
+from loraplace.study.local import cpu_runs_at_once, local_plan
+from loraplace.study.prepare import Prepared
 
 GB = 1024
 
@@ -47,7 +48,10 @@ def test_the_choice_follows_what_more_threads_gain():
 
 
 def prepared(device: str = "cpu", base_mb: float = 500.0) -> Prepared:
-    return Prepared([], {"device": device}, {}, {}, ((), None), base_mb)
+    from loraplace.fast.hardware import Paths
+
+    paths = Paths(device, False, False, False, False, "float32")
+    return Prepared([], paths, {}, {}, ((), None), base_mb)
 
 
 def test_the_plan_on_a_cpu_and_as_set(monkeypatch):
@@ -66,7 +70,7 @@ def test_the_plan_on_a_cpu_and_as_set(monkeypatch):
 
 
 def test_the_eta_counts_rounds_of_runs_at_once():
-    from loraplace.runner import _Progress
+    from loraplace.study.local import _Progress
 
     lines = []
     progress = _Progress(5, lines.append)

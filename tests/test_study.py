@@ -7,16 +7,17 @@ import math
 import os
 import stat
 import sys
+from dataclasses import replace
 
 import pandas as pd
 import pytest
-from conftest import ALPACA_HEAD
+from conftest import ALPACA_HEAD, tiny_model
 
 from loraplace.cli import main
 from loraplace.config import StudyConfig
 from loraplace.core.results import SUMMARY_COLUMNS
 from loraplace.fast.kernels import onednn_available
-from loraplace.plan.strategies import BUILTINS, to_dict
+from loraplace.study.prepare import spec_for
 from loraplace.train.run import train_run
 
 TINY_ARGS = [
@@ -98,7 +99,7 @@ def test_study_end_to_end_then_skips_finished_runs(capsys, tiny_gpt2_dir, tmp_pa
     assert (out / "runs/full/seed-42/result.json").stat().st_mtime_ns == before
 
 
-def _spec(model_dir, tmp_path, **overrides) -> dict:
+def _spec(model_dir, tmp_path, strategy="full", base_eval=None, **overrides):
     settings = {
         "model": str(model_dir),
         "data": str(ALPACA_HEAD),
@@ -108,13 +109,8 @@ def _spec(model_dir, tmp_path, **overrides) -> dict:
         "max_length": 64,
         "generations": 0,
     }
-    cfg = StudyConfig(**(settings | overrides))
-    return {
-        "config": cfg.to_dict(),
-        "strategy": to_dict(BUILTINS["full"]),
-        "seed": 42,
-        "run_dir": str(tmp_path / "run"),
-    }
+    cfg = StudyConfig(**(settings | {"strategies": [strategy]} | overrides))
+    return spec_for(cfg, strategy, 42, tmp_path / "run", base_eval)
 
 
 def test_same_seed_same_eval_loss(tiny_gpt2_dir, tmp_path):
@@ -201,7 +197,7 @@ def test_runs_forked_from_one_server_give_what_fresh_processes_give(
 
 
 def test_a_failed_run_leaves_the_server_serving(capsys, tiny_gpt2_dir, tmp_path):
-    from loraplace.train import server
+    from loraplace.study import worker as server
 
     broken = tmp_path / "spec.json"
     broken.write_text("{not json")  # its run dies before it can write a result
@@ -216,7 +212,7 @@ def test_a_failed_run_leaves_the_server_serving(capsys, tiny_gpt2_dir, tmp_path)
 
 
 def test_a_dead_server_is_replaced(capsys, tiny_gpt2_dir, tmp_path):
-    from loraplace.train import server
+    from loraplace.study import worker as server
 
     broken = tmp_path / "spec.json"
     broken.write_text("{not json")
@@ -306,35 +302,34 @@ def test_output_that_is_a_file(capsys, tiny_gpt2_dir, tmp_path):
 
 
 def test_base_model_is_evaluated_once_per_study(tiny_gpt2_dir, tmp_path):
-    spec = _spec(tiny_gpt2_dir, tmp_path, epochs=1) | {"base_eval": str(tmp_path / "base.json")}
-    first = train_run(spec)
-    assert (tmp_path / "base.json").is_file()
-    second = train_run(spec | {"strategy": to_dict(BUILTINS["attention"])})
+    base = tmp_path / "base.json"
+    first = train_run(_spec(tiny_gpt2_dir, tmp_path, epochs=1, base_eval=base))
+    assert base.is_file()
+    second = train_run(_spec(tiny_gpt2_dir, tmp_path, "attention", base, epochs=1))
     assert second["metrics"]["base_eval_loss"] == first["metrics"]["base_eval_loss"]
     alone = train_run(_spec(tiny_gpt2_dir, tmp_path, epochs=1, reuse_base_eval=False))
     assert alone["metrics"]["base_eval_loss"] == pytest.approx(
         first["metrics"]["base_eval_loss"], rel=1e-6
     )
     other = train_run(
-        _spec(tiny_gpt2_dir, tmp_path, epochs=1, eval_split="train[104:106]")
-        | {"base_eval": str(tmp_path / "base.json")}
+        _spec(tiny_gpt2_dir, tmp_path, epochs=1, eval_split="train[104:106]", base_eval=base)
     )
     assert other["metrics"]["base_eval_loss"] != first["metrics"]["base_eval_loss"]
 
 
 def test_the_untrained_models_generations_are_made_once_per_study(tiny_gpt2_dir, tmp_path):
     base = tmp_path / "base.json"
-    spec = _spec(tiny_gpt2_dir, tmp_path, epochs=1, generations=2, max_new_tokens=4)
-    first = train_run(spec | {"base_eval": str(base)})
+    settings = {"epochs": 1, "generations": 2, "max_new_tokens": 4}
+    first = train_run(_spec(tiny_gpt2_dir, tmp_path, base_eval=base, **settings))
     stored = tmp_path / "base_generations.json"
     made = json.loads(stored.read_text())
     assert made["generations"] == [g["base"] for g in first["generations"]]
     made["generations"] = ["stored 1", "stored 2"]  # what a later run must take, not remake
     stored.write_text(json.dumps(made))
-    second = train_run(spec | {"base_eval": str(base), "strategy": to_dict(BUILTINS["attention"])})
+    second = train_run(_spec(tiny_gpt2_dir, tmp_path, "attention", base, **settings))
     assert [g["base"] for g in second["generations"]] == ["stored 1", "stored 2"]
-    longer = _spec(tiny_gpt2_dir, tmp_path, epochs=1, generations=2, max_new_tokens=6)
-    third = train_run(longer | {"base_eval": str(base)})  # other settings: made again
+    longer = settings | {"max_new_tokens": 6}
+    third = train_run(_spec(tiny_gpt2_dir, tmp_path, base_eval=base, **longer))  # made again
     assert [g["base"] for g in third["generations"]] != ["stored 1", "stored 2"]
 
 
@@ -342,7 +337,7 @@ def test_runs_at_once_compute_the_once_per_study_numbers_once(tmp_path):
     import threading
     import time
 
-    from loraplace.train.run import _once_per_study
+    from loraplace.train.once import once_per_study
 
     path = tmp_path / "base_eval.json"
     calls = []
@@ -353,7 +348,7 @@ def test_runs_at_once_compute_the_once_per_study_numbers_once(tmp_path):
         return [1.5, 2.5]
 
     got = []
-    runs = [threading.Thread(target=lambda: got.append(_once_per_study(path, {"k": 1}, "v", compute)))
+    runs = [threading.Thread(target=lambda: got.append(once_per_study(path, {"k": 1}, "v", compute)))
             for _ in range(3)]  # fmt: skip
     for t in runs:
         t.start()
@@ -369,8 +364,8 @@ def test_a_run_that_finds_the_base_generations_being_made_trains_and_takes_them_
     import threading
 
     base = tmp_path / "base.json"
-    spec = _spec(tiny_gpt2_dir, tmp_path, epochs=1, generations=2, max_new_tokens=4)
-    train_run(spec | {"base_eval": str(base)})
+    settings = {"epochs": 1, "generations": 2, "max_new_tokens": 4}
+    train_run(_spec(tiny_gpt2_dir, tmp_path, base_eval=base, **settings))
     stored = tmp_path / "base_generations.json"
     made = json.loads(stored.read_text())
     stored.unlink()
@@ -384,31 +379,31 @@ def test_a_run_that_finds_the_base_generations_being_made_trains_and_takes_them_
 
         later = threading.Timer(1.0, finish)
         later.start()
-        second = train_run(
-            spec | {"base_eval": str(base), "strategy": to_dict(BUILTINS["attention"])}
-        )
+        second = train_run(_spec(tiny_gpt2_dir, tmp_path, "attention", base, **settings))
         later.join()
     assert [g["base"] for g in second["generations"]] == ["stored 1", "stored 2"]
 
 
-def test_a_run_attaches_the_plan_the_study_made_and_refuses_a_model_that_places_otherwise():
-    from conftest import tiny_model
-
-    from loraplace.config import StudyConfig
+def test_a_run_attaches_the_plan_the_study_made_and_refuses_a_model_that_places_otherwise(
+    tiny_gpt2_dir, tmp_path, monkeypatch
+):
     from loraplace.plan.placement import place
     from loraplace.plan.roles import classify
-    from loraplace.plan.strategies import resolve, to_dict
-    from loraplace.runner import plan_record
-    from loraplace.train.run import planned_placement
+    from loraplace.train import run as train
 
-    model, cfg = tiny_model("gpt2"), StudyConfig()
-    (attention,) = resolve(["attention"])
-    plan = plan_record(place(classify(model), attention, cfg.rank, cfg.bias))
-    spec = {"strategy": to_dict(attention), "plan": plan}
-    assert planned_placement(spec, model, cfg).ranks == plan["ranks"]
-    shrunk = {**plan, "ranks": dict(list(plan["ranks"].items())[1:])}  # a module fewer
+    spec = _spec(tiny_gpt2_dir, tmp_path, "attention", epochs=0.5)
+    model = tiny_model("gpt2")
+    train.check_plan(spec, model)  # the plan made on the meta device: the loaded model agrees
+    plan = spec.plan
+    shrunk = replace(plan, ranks=dict(list(plan.ranks.items())[1:]), trainable_params=1)
     with pytest.raises(RuntimeError, match="does not place 'attention' as planned"):
-        planned_placement({**spec, "plan": shrunk | {"trainable_params": 1}}, model, cfg)
+        train.check_plan(spec.with_(plan=shrunk), model)
+    # what the run attaches is the plan's modules at the plan's ranks, not its own placement
+    rank_two = place(classify(model), spec.strategy, 2).plan()
+    monkeypatch.setattr(train, "check_plan", lambda spec, model: None)
+    result = train_run(spec.with_(plan=rank_two))
+    assert result["metrics"]["trainable_params"] == rank_two.trainable_params
+    assert set(result["placement"]["ranks"].values()) == {2}
 
 
 def test_without_the_inner_curve_points_a_run_ends_with_the_same_numbers(

@@ -3,7 +3,6 @@
     loraplace plan --model embedded
     loraplace study --config configs/offline.yaml --out runs/offline
     loraplace report runs/offline
-    loraplace bench --out runs/bench
     loraplace advise --model embedded --data ../shared/data/alpaca_head200.json --budget 921600
 
 Errors a user can cause end in one sentence on stderr and exit status 2.
@@ -22,17 +21,18 @@ from loraplace.core.quiet import quiet_libraries
 def cmd_plan(args) -> int:
     """What each strategy of the study's config adapts, from the model's config alone."""
     from loraplace.config import load_config
-    from loraplace.plan.models import resolve
+    from loraplace.plan.models import resolve_model
     from loraplace.plan.planning import plan_model, render, to_json
-    from loraplace.runner import resolve_strategies
+    from loraplace.plan.strategies import resolve_strategies
 
     flags = {"model": args.model, "strategies": args.strategy, "layer_study": args.layer_study,
              "equal_budget": args.equal_budget, "rank": args.rank, "alpha": args.alpha,
              "dropout": args.dropout, "bias": args.bias,
              "trust_remote_code": args.trust_remote_code or None}  # fmt: skip
     cfg = load_config(args.config, flags, args.set or [])
-    source = resolve(cfg.model, cfg.trust_remote_code)
-    plan = plan_model(source, resolve_strategies(cfg), cfg.rank, cfg.bias, cfg.equal_budget)
+    source = resolve_model(cfg.model, cfg.trust_remote_code)
+    strategies = resolve_strategies(cfg.strategies, cfg.layer_study)
+    plan = plan_model(source, strategies, cfg.rank, cfg.bias, cfg.equal_budget)
     if args.json:
         print(json.dumps(to_json(plan), indent=2))
     else:
@@ -45,9 +45,9 @@ def cmd_plan(args) -> int:
 def cmd_study(args) -> int:
     from loraplace.analysis.report import build
     from loraplace.core.lock import release
-    from loraplace.runner import run_study
+    from loraplace.study.runner import run_study
 
-    cfg = _study_config(args)
+    cfg = study_config(args)
     try:  # run_study takes OUT's lock; the report is built under it too
         results = run_study(cfg, args.out, log=lambda line: print(line, flush=True))
         paths = build(args.out)
@@ -100,7 +100,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-def _add_study_args(p: argparse.ArgumentParser) -> None:
+def add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (configs/seed.yaml, configs/offline.yaml, ...)")
     p.add_argument("--model", help="hub id, local dir, .gguf file, or 'embedded'")
     p.add_argument(
@@ -138,7 +138,7 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _study_config(args, defaults: dict | None = None):
+def study_config(args, defaults: dict | None = None):
     from loraplace.config import load_config
 
     overrides = {
@@ -160,44 +160,29 @@ def _study_config(args, defaults: dict | None = None):
     return load_config(args.config, overrides, args.set or [])
 
 
-def cmd_bench(args) -> int:
-    from loraplace.bench import render, run_bench
-
-    defaults = (
-        {}
-        if args.config
-        else {"model": "embedded", "data": "embedded", "strategies": ["full", "attention", "ffn"]}
-    )
-    cfg = _study_config(args, defaults)
-    report = run_bench(cfg, args.out, log=lambda line: print(line, flush=True))
-    print()
-    print(render(report))
-    print(f"results: {args.out}/bench.json and {args.out}/bench.md")
-    return 0
-
-
 def cmd_advise(args) -> int:
     from loraplace.advise.recommend import render, run_advise
-    from loraplace.config import StudyConfig
 
+    # the study's config, as `study` reads it (--config, flags, --set); unset: the seed's
+    # setup on the embedded model and data
+    given = {"rank": args.rank, "alpha": args.alpha, "bias": args.bias,
+             "max_length": args.max_length, "loss_on": args.loss_on,
+             "trust_remote_code": args.trust_remote_code or None}  # fmt: skip
+    defaults = {} if args.config else {"model": "embedded", "data": "embedded"}
+    cfg = study_config(args, defaults | {k: v for k, v in given.items() if v is not None})
     if args.validate:
         from loraplace.advise.validate import render_validation, run_validation
 
-        given = {"rank": args.rank, "alpha": args.alpha, "max_length": args.max_length}
-        defaults = {} if args.config else {"model": "embedded", "data": "embedded"}
-        cfg = _study_config(args, defaults | {k: v for k, v in given.items() if v is not None})
         report = run_validation(
             cfg, args.out, args.budget, args.examples, args.candidates,
             log=lambda line: print(line, flush=True),
         )  # fmt: skip
         print(render_validation(report))
         return 0
-    seed = StudyConfig()  # the seed document's setup: the defaults of every command
     report = run_advise(
-        args.model or "embedded", args.data or "embedded", args.train_split or seed.train_split,
-        args.budget, args.rank or seed.rank, args.alpha or seed.alpha, args.bias or seed.bias,
-        args.examples, args.max_length or seed.max_length, args.loss_on, args.score,
-        trust_remote_code=args.trust_remote_code,
+        cfg.model, cfg.data, cfg.train_split, args.budget, cfg.rank, cfg.alpha, cfg.bias,
+        args.examples, cfg.max_length, cfg.loss_on, args.score,
+        trust_remote_code=cfg.trust_remote_code,
     )  # fmt: skip
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0
@@ -251,16 +236,11 @@ def _plan_parser(sub) -> None:
 
 def _study_parsers(sub) -> None:
     p = sub.add_parser("study", help="train every strategy x seed and compare them")
-    _add_study_args(p)
+    add_study_args(p)
     p.add_argument(
         "--out", required=True, help="results folder (finished runs are kept and skipped)"
     )
     p.set_defaults(func=cmd_study)
-
-    p = sub.add_parser("bench", help="the study the plain way and loraplace's way, side by side")
-    _add_study_args(p)
-    p.add_argument("--out", default="runs/bench", help="benchmark folder (runs/bench)")
-    p.set_defaults(func=cmd_bench)
 
 
 def _advise_parser(sub) -> None:
@@ -275,10 +255,14 @@ def _advise_parser(sub) -> None:
     )
     p.add_argument("--rank", "-r", type=int, help="LoRA rank for the budget (16)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (32)")
-    p.add_argument("--bias", choices=["none", "lora_only"], default="none")
+    p.add_argument("--bias", choices=["none", "lora_only"], help="LoRA bias (none)")
     p.add_argument("--examples", type=int, default=16, help="training examples to score on (16)")
     p.add_argument("--max-length", type=int, help="tokens per example (256)")
-    p.add_argument("--loss-on", choices=["all", "response"], default="all")
+    p.add_argument(
+        "--loss-on",
+        choices=["all", "response"],
+        help="loss on all tokens or the response (the config's)",
+    )
     p.add_argument(
         "--score",
         default="lora_b",
@@ -293,14 +277,12 @@ def _advise_parser(sub) -> None:
         help="train the candidates at the budget with every --seed and measure the scores",
     )  # fmt: skip
     p.add_argument("--out", default="runs/advise", help="validation folder (runs/advise)")
-    p.add_argument("--config", help="YAML study config for --validate")
+    p.add_argument("--config", help="YAML study config (model, data, LoRA and training settings)")
     p.add_argument("--eval-split", help="--validate: evaluation rows, e.g. 'train[100:120]'")
     p.add_argument("--seed", type=int, action="append", help="--validate: repeatable")
     p.add_argument("--epochs", type=float, help="--validate: epochs per run")
     p.add_argument("--candidates", help="--validate: comma-separated candidate names (all)")
-    p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="--validate: any study config key"
-    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any study config key")
     p.set_defaults(func=cmd_advise, strategy=None, layer_study=None, equal_budget=None)
 
 

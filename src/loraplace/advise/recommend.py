@@ -194,11 +194,11 @@ def run_advise(
 def _checked_source(model_spec: str, score: str, trust_remote_code: bool):
     """The model to score, refused where `score` is unknown or the model has no weights."""
     from loraplace.core.errors import UserError
-    from loraplace.plan.models import resolve
+    from loraplace.plan.models import resolve_model
 
     if score not in SCORES:
         raise UserError(f"unknown score {score!r}; valid: {', '.join(SCORES)}")
-    source = resolve(model_spec, trust_remote_code)
+    source = resolve_model(model_spec, trust_remote_code)
     if source.kind == "dir" and not _has_weights(source.path):
         raise UserError(
             f"advise scores a model's weights on your data, and {model_spec!r} has a config.json "

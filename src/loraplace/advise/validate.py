@@ -5,7 +5,7 @@
         --seed 1 --seed 2 --seed 3 --set max_length=128 --out runs/advise
 
 Every candidate `advise` ranks is trained at the same trainable budget with every seed through
-`runner.run_study` (finished runs are kept). The measured gain of a run is the untrained
+`study.runner.run_study` (finished runs are kept). The measured gain of a run is the untrained
 model's eval loss minus the run's. For each score: Spearman and Kendall correlation between
 its prediction and the mean gain over seeds, with a percentile bootstrap interval that
 resamples the candidates (which placements were tried is the main source of chance with a
@@ -281,7 +281,7 @@ def run_validation(
 ) -> dict:
     """Advise, train every candidate x seed at the budget, and analyze; writes advise.json,
     validation.json and validation.md under OUT."""
-    from loraplace.runner import run_study
+    from loraplace.study.runner import run_study
 
     out = Path(out)
     if len(cfg.seeds) < 2:

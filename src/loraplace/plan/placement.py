@@ -39,6 +39,45 @@ class Placement:
     def paths(self) -> list[str]:
         return [m.path for m in self.modules]
 
+    def plan(self) -> AdapterPlan:
+        """What a run attaches: these modules at these ranks, this many parameters, and the
+        placement's record for result.json."""
+        return AdapterPlan(dict(self.ranks), self.trainable_params, self.record())
+
+    def record(self) -> dict:
+        return {
+            "modules": self.paths,
+            "ranks": self.ranks,
+            "map": [[m.path, m.layer, m.role, self.ranks[m.path]] for m in self.modules],
+            "layers": self.layers,
+            "literal": self.literal,
+            "trainable_by_role": self.trainable_by_role,
+            "trainable_by_layer": {str(k): v for k, v in sorted(self.trainable_by_layer.items())},
+        }
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """A placement as a run needs it (planned on the meta device, before any weights): each
+    adapted module's full path and rank, the trainable count PEFT must reach, and the
+    placement's record (roles, layers, counts) for result.json."""
+
+    ranks: dict[str, int]
+    trainable_params: int
+    record: dict
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.ranks)
+
+    def to_dict(self) -> dict:
+        return {"ranks": self.ranks, "trainable_params": self.trainable_params,
+                "record": self.record}  # fmt: skip
+
+    @staticmethod
+    def from_dict(data: dict) -> AdapterPlan:
+        return AdapterPlan(dict(data["ranks"]), data["trainable_params"], data["record"])
+
 
 def _literal_matches(
     modules: list[LinearModule], targets: tuple[str, ...]
@@ -108,7 +147,7 @@ def place(
 
 
 def lora_config(
-    placement: Placement, alpha: float, dropout: float, bias: str = "none"
+    placement: Placement | AdapterPlan, alpha: float, dropout: float, bias: str = "none"
 ) -> LoraConfig:
     """The PEFT config for a placement: explicit full module names, never suffixes."""
     ranks = list(placement.ranks.values())

@@ -165,8 +165,9 @@ def render(
     return "\n".join(lines)
 
 
-def architecture(model, placement) -> dict:
-    """What the FLOP count needs to know about a model and its adapters, from the run itself."""
+def architecture(model, ranks: dict[str, int]) -> dict:
+    """What the FLOP count needs to know about a model and its adapters (module path -> rank),
+    from the run itself."""
     modules = classify(model)
     head = model.get_output_embeddings()
     macs = sum(m.in_features * m.out_features for m in modules if m.layer is not None)
@@ -179,7 +180,8 @@ def architecture(model, placement) -> dict:
         "n_layers": num_layers(modules),
         "attn_dim": (heads or 1) * head_dim,
         "adapters": [
-            [m.path, m.in_features, m.out_features, placement.ranks[m.path]]
-            for m in placement.modules
+            [m.path, m.in_features, m.out_features, ranks[m.path]]
+            for m in modules
+            if m.path in ranks
         ],
     }

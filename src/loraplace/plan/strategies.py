@@ -129,7 +129,7 @@ def parse_strategy(text: str) -> Strategy:
     return Strategy(name, roles, layers, rank_by_role=ranks, description=spec.strip())
 
 
-def resolve(names: list[str], layer_study_roles: str | None = None) -> list[Strategy]:
+def resolve_strategies(names: list[str], layer_study_roles: str | None = None) -> list[Strategy]:
     """Parse strategy names, add the depth sweep for `layer_study_roles`; names must be unique."""
     strategies = [parse_strategy(s) for s in names]
     if layer_study_roles:

@@ -1,6 +1,6 @@
-"""A model's weights and tokenizer, from a source `plan.models.resolve` found.
+"""A model's weights and tokenizer, from a source `plan.models.resolve_model` found.
 
-    model, tokenizer = load_model(resolve("embedded"))         # float32, ready for PEFT
+    model, tokenizer = load_model(resolve_model("embedded"))         # float32, ready for PEFT
     model, tokenizer = load_model(source, quantize="4bit", device="cuda", dtype=torch.bfloat16)
 
 A quantized base (bitsandbytes: NF4 with double quantization as QLoRA, or LLM.int8) is placed
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from loraplace.plan.models import ModelSource, _hub_call, _pretrained_args, clear_quantized_flag
+from loraplace.plan.models import ModelSource, clear_quantized_flag, hub_call, pretrained_args
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,15 +27,15 @@ def load_model(
     """The model with its weights and its tokenizer (a pad token is set if it has none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, kwargs = _pretrained_args(source)
-    tokenizer = _hub_call(source, AutoTokenizer.from_pretrained, path, **kwargs)
+    path, kwargs = pretrained_args(source)
+    tokenizer = hub_call(source, AutoTokenizer.from_pretrained, path, **kwargs)
     if attention:
         kwargs["attn_implementation"] = attention
     if quantize != "none":
         kwargs["quantization_config"] = bnb_config(quantize, dtype)
     if quantize != "none" or device != "cpu":  # straight onto the device, in `dtype`
         kwargs["device_map"] = {"": device}
-    model = _hub_call(source, AutoModelForCausalLM.from_pretrained, path, dtype=dtype, **kwargs)
+    model = hub_call(source, AutoModelForCausalLM.from_pretrained, path, dtype=dtype, **kwargs)
     if source.kind == "gguf" and quantize == "none":  # de-quantized GGUF, not a bitsandbytes base
         clear_quantized_flag(model)
     if quantize == "4bit":

@@ -2,17 +2,17 @@
 
     python -m loraplace.train.run OUT/runs/full/seed-42/spec.json   # writes result.json beside it
 
-The run loads the model, attaches the planned adapters (checked against the plan), evaluates
-the untrained model, trains with the Hugging Face Trainer, evaluates at every epoch end with the
-shared token-weighted evaluation, and records curves, time, throughput and peak memory.
+The run reads its `RunSpec` (study.spec) and derives none of it again: it loads the model in
+the spec's precision, checks the plan against the loaded model, evaluates the untrained model
+(once per study: train.once), attaches the planned adapters at their planned ranks, trains
+with the Hugging Face Trainer, evaluates at every epoch end with the shared token-weighted
+evaluation, and records curves, time, throughput and peak memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import hashlib
-import json
 import math
 import os
 import random
@@ -29,13 +29,7 @@ import torch
 from loraplace import __version__
 from loraplace.config import StudyConfig, run_settings
 from loraplace.core import faults
-from loraplace.core.results import (
-    die_with_parent,
-    environment,
-    private_memory_mb,
-    write_json,
-    write_result,
-)
+from loraplace.core.results import die_with_parent, environment, private_memory_mb, write_result
 from loraplace.data.rows import (
     Collator,
     PackedCollator,
@@ -47,6 +41,8 @@ from loraplace.data.rows import (
 )
 from loraplace.fast.hardware import Paths, remembered_check
 from loraplace.plan.planning import architecture
+from loraplace.plan.strategies import to_dict
+from loraplace.study.spec import RunSpec
 from loraplace.train import checkpoints
 from loraplace.train.evaluate import (
     example_losses,
@@ -54,6 +50,7 @@ from loraplace.train.evaluate import (
     greedy_generations,
     token_weighted,
 )
+from loraplace.train.once import base_evaluation, base_generations
 from loraplace.train.trainer import chunked_trainer, recorder, training_args
 
 
@@ -94,89 +91,6 @@ def peak_memory_mb(device: str) -> float:
     return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10) + server
 
 
-BASE_EVAL_KEYS = (
-    "model",
-    "data",
-    "eval_split",
-    "max_length",
-    "loss_on",
-    "trust_remote_code",
-    "pack_eval",
-)
-
-
-def base_evaluation(
-    spec: dict, cfg: StudyConfig, paths: dict, eval_set, evaluate, head: str | None
-) -> list:
-    """The untrained model's per-example losses: computed once per study and shared by its runs
-    when `reuse_base_eval` (every run of a study evaluates the same base model on the same rows)."""
-    path = spec.get("base_eval")
-    if not cfg.reuse_base_eval or not path:
-        return evaluate()
-    tokens = hashlib.sha256(json.dumps([e.input_ids for e in eval_set]).encode()).hexdigest()
-    key = {k: getattr(cfg, k) for k in BASE_EVAL_KEYS} | _base_numbers(paths)
-    key |= {"tokens": tokens, "head": head}
-    return [tuple(x) for x in _once_per_study(Path(path), key, "per_example", evaluate)]
-
-
-def _base_numbers(paths: dict) -> dict:
-    """The resolved paths that change what the untrained model computes."""
-    numbers = {k: paths.get(k) for k in ("precision", "quantize", "attention") if k in paths}
-    return numbers | {"device": paths["device"]}
-
-
-def _once_per_study(path: Path, key: dict, field: str, compute, wait: bool = True):
-    """compute(), or what a run of the study before this one stored at `path` under the same
-    `key` (a file with another key, or none, is computed again and replaced).
-
-    Runs going at once take turns on a lock beside the file, so one computes and the others
-    read: `wait` False returns None at once where another run holds it (the caller asks again
-    later, with `wait`)."""
-    import fcntl
-
-    cached = _cached(path, key, field)
-    if cached is not None:
-        return cached
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            return None
-        cached = _cached(path, key, field)  # made by the run that held the lock
-        if cached is not None:
-            return cached
-        value = compute()
-        write_json(path, {"key": key, field: value})
-        return value  # the lock goes with the file's closing
-
-
-def _cached(path: Path, key: dict, field: str):
-    try:
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached[field]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
-
-
-def base_generations(
-    spec: dict, cfg: StudyConfig, paths: dict, prompts: list[str], generate, wait: bool = True
-):
-    """The untrained model's greedy continuations of the prompts: made once per study and
-    shared by its runs when `reuse_base_eval` (the same base, prompts and settings). None,
-    without `wait`, while another run of the study is making them."""
-    path = spec.get("base_eval")
-    if not cfg.reuse_base_eval or not path or not prompts:
-        return generate()
-    settings = ("model", "trust_remote_code", "max_new_tokens", "max_length")
-    key = {k: getattr(cfg, k) for k in settings} | _base_numbers(paths) | {"prompts": prompts}
-    return _once_per_study(
-        Path(path).with_name(Path(path).stem + "_generations.json"),
-        key, "generations", generate, wait,
-    )  # fmt: skip
-
-
 class Notes(list):
     """Fast paths a run asked for and could not take here, each said once, in the log and in
     result.json."""
@@ -198,34 +112,6 @@ class Phases(dict):
             self[name] = self.get(name, 0.0) + time.perf_counter() - start
 
 
-def run_paths(spec: dict, cfg: StudyConfig) -> dict:
-    """The paths the study resolved for this run, or (a spec without them) resolved here."""
-    if "paths" in spec:
-        return spec["paths"]
-    return cfg.resolve_paths().to_dict()
-
-
-def run_products(spec: dict, cfg: StudyConfig, paths: dict, model) -> dict:
-    """Which library runs each float32 product shape: the study's measurement, or made here."""
-    from loraplace.fast.hardware import Paths, products_for
-    from loraplace.fast.headloss import ROWS
-    from loraplace.plan.roles import classify
-
-    if "products" in spec:
-        return spec["products"]
-    shapes = [(m.out_features, m.in_features) for m in classify(model) if m.layer is not None]
-    head = model.get_output_embeddings()
-    head_shape = tuple(head.weight.shape) if isinstance(head, torch.nn.Linear) else None
-    return products_for(
-        Paths.from_dict(paths),
-        shapes,
-        head_shape,
-        pack_rows(cfg, paths["device"]),
-        ROWS,
-        cfg.threads,
-    )
-
-
 def pack_rows(cfg: StudyConfig, device: str) -> int:
     """Tokens per packed training chunk. On a CPU, rows of 1.5 x max_length (the step's
     micro-batches in a few chunks: products of that size run near the CPU's peak, and
@@ -238,16 +124,15 @@ def pack_rows(cfg: StudyConfig, device: str) -> int:
     return cfg.batch_size * cfg.grad_accum * cfg.max_length
 
 
-def _load(cfg: StudyConfig, paths: dict):
+def _load(cfg: StudyConfig, paths: Paths):
     """Weights (float32, or quantized as they load), tokenizer, rows and tokenized examples."""
-    from loraplace.plan.models import resolve
+    from loraplace.plan.models import resolve_model
     from loraplace.train.load import DTYPES, load_model
 
     # in the run's precision from the start: a GPU never holds 4 bytes a weight of a bf16 run
-    device, quantize = paths["device"], paths.get("quantize", "none")
-    dtype = DTYPES[paths.get("precision", "float32")]
-    model, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code), dtype, quantize,
-                                  device, paths.get("attention"))  # fmt: skip
+    model, tokenizer = load_model(resolve_model(cfg.model, cfg.trust_remote_code),
+                                  DTYPES[paths.precision], paths.quantize, paths.device,
+                                  paths.attention)  # fmt: skip
     rows = {
         "train": load_rows(cfg.data, cfg.train_split),
         "eval": load_rows(cfg.data, cfg.eval_split),
@@ -265,14 +150,14 @@ def _load(cfg: StudyConfig, paths: dict):
 PACKING_TOLERANCE = {"float32": 1e-3, "bf16": 0.25, "fp16": 0.05}
 
 
-def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> dict:
+def _batching(cfg: StudyConfig, model, tokenizer, paths: Paths, notes: Notes) -> dict:
     """How training and evaluation batch their examples: packed where checked exact."""
     from loraplace.fast.segments import use_segment_attention
 
-    device, form = paths["device"], Paths.from_dict(paths).packed_rows
+    device, form = paths.device, paths.packed_rows
     pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
     wanted = cfg.packing and cfg.fuse_accumulation and pad_to is None
-    tolerance = PACKING_TOLERANCE[paths.get("precision", "float32")]
+    tolerance = PACKING_TOLERANCE[paths.precision]
     exact = (wanted or cfg.pack_eval) and checked(
         notes, "packing", "packing", model, device, packing_is_exact, tolerance, False, form
     )
@@ -281,8 +166,8 @@ def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> 
         notes.add("packing", "packed rows did not give each example its own loss on this model")
     # segment attention is one of our CPU functions: with the library's rows it is off, as they are
     segments, wants_segments = False, packed and cfg.segment_attention and form == "mask"
-    if wants_segments and paths.get("attention", "sdpa") != "sdpa":
-        notes.add("segment_attention", f"it replaces SDPA, and attention is {paths['attention']}")
+    if wants_segments and paths.attention != "sdpa":
+        notes.add("segment_attention", f"it replaces SDPA, and attention is {paths.attention}")
     elif wants_segments:
         segments = use_segment_attention(model)
         if not segments:
@@ -313,14 +198,14 @@ def _batching(cfg: StudyConfig, model, tokenizer, paths: dict, notes: Notes) -> 
             "eval_packed": eval_packed, "eval_collate": eval_collate}  # fmt: skip
 
 
-def _head(model, device: str, paths: dict, products: dict, notes: Notes) -> dict:
+def _head(model, device: str, paths: Paths, products: dict, notes: Notes) -> dict:
     """Whether the head-and-loss functions give this model's loss, with the default BLAS and
     with the head's chosen libraries: checked once, here, for training and evaluation."""
     from loraplace.fast.headloss import head_loss_matches
 
-    if not paths.get("cpu_kernels", True):  # a float32 CPU function: not for this base
+    if not paths.cpu_kernels:  # a float32 CPU function: not for this base
         return {"blocks": False, "onednn": (False, False)}
-    pair = tuple(products.get("head", (paths["onednn_head"],) * 2))
+    pair = tuple(products.get("head", (paths.onednn_head,) * 2))
     blocks = bool(
         checked(notes, "fused_head_loss", "head", model, device, head_loss_matches, 1e-4,
                 (False, False))
@@ -350,10 +235,10 @@ def checked(notes: Notes, switch: str, name: str, model, device: str, check, *ar
         return None
 
 
-def _in_precision(model, paths: dict):
+def _in_precision(model, paths: Paths):
     """A quantized base made ready for training as QLoRA does (norms and head in float32, all
     frozen); any other base already loaded in the run's precision (adapters stay float32)."""
-    if paths.get("quantize", "none") != "none":
+    if paths.quantize != "none":
         from peft import prepare_model_for_kbit_training
 
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -364,13 +249,9 @@ def _in_precision(model, paths: dict):
 class Run:
     """What every step of one run reads: its config, where it runs, and what it has noted."""
 
-    spec: dict
-    cfg: StudyConfig
-    strategy: object
-    seed: int
-    run_dir: Path
+    spec: RunSpec
+    cfg: StudyConfig  # the spec's, with any injected learning rate
     injected: dict  # the fault suite's faults for this run, else empty
-    paths: dict
     phases: Phases = dataclasses.field(default_factory=Phases)
     notes: Notes = dataclasses.field(default_factory=Notes)
     timing: dict = dataclasses.field(
@@ -379,29 +260,36 @@ class Run:
     released: bool = False  # freed memory goes back to the OS (release_memory)
 
     @property
+    def paths(self) -> Paths:
+        return self.spec.paths
+
+    @property
     def device(self) -> str:
-        return self.paths["device"]
+        return self.spec.paths.device
+
+    @property
+    def run_dir(self) -> Path:
+        return self.spec.folder
 
 
-def train_run(spec: dict) -> dict:
+def train_run(spec: RunSpec) -> dict:
     """Run one (strategy, seed) and return its result; raises on failure."""
     run = _start(spec)
-    cfg = run.cfg
+    cfg, products = run.cfg, spec.products
     with run.phases("load"):
         model, tokenizer, rows, sets = _load(cfg, run.paths)
     with run.phases("checks"):  # our CPU functions' checks on float32 weights; packing's on
-        products = run_products(spec, cfg, run.paths, model)  # the weights it will train
-        head = _head(model, run.device, run.paths, products, run.notes)
+        head = _head(model, run.device, run.paths, products, run.notes)  # the weights it trains
         model = _in_precision(model, run.paths)
         batching = _batching(cfg, model, tokenizer, run.paths, run.notes)
     eval_head = _eval_head(batching, head)
     evaluate = _evaluator(run, model, sets["eval"], batching["eval_collate"], eval_head)
     with run.phases("base_eval"):
-        base = base_evaluation(spec, cfg, run.paths, sets["eval"], evaluate, eval_head)
-    placement = planned_placement(spec, model, cfg)
-    arch = architecture(model, placement)  # before wrapping: for the benchmark's FLOP count
+        base = base_evaluation(spec, sets["eval"], evaluate, eval_head)
+    check_plan(spec, model)
+    arch = architecture(model, spec.plan.ranks)  # before wrapping: for the bench's FLOP count
     with run.phases("attach"):
-        model, taken = _adapt(run, model, placement, products, batching["packed"], head)
+        model, taken = _adapt(run, model, products, batching["packed"], head)
     prompts = [prompt(r) for r in rows["eval"][: cfg.generations]]
 
     def untrained() -> list[str]:
@@ -409,11 +297,11 @@ def train_run(spec: dict) -> dict:
             return _generations(run, model, tokenizer, prompts)
 
     # where another run is making them, they are read after training instead of waited for
-    base_texts = base_generations(spec, cfg, run.paths, prompts, untrained, wait=False)
+    base_texts = base_generations(spec, prompts, untrained, wait=False)
     trainer, resume, curves = _trainer(run, model, sets["train"], batching, taken, evaluate)
     train_time_s = _train(run, trainer, resume)
     if base_texts is None:
-        base_texts = base_generations(spec, cfg, run.paths, prompts, untrained)
+        base_texts = base_generations(spec, prompts, untrained)
     per_example = curves.pop("last_eval") or evaluate()
     eval_loss = token_weighted(per_example)
     if not math.isfinite(eval_loss):
@@ -430,7 +318,7 @@ def train_run(spec: dict) -> dict:
             "eval_loss": eval_loss,
             "perplexity": math.exp(eval_loss),
             "base_eval_loss": token_weighted(base),
-            "trainable_params": placement.trainable_params,
+            "trainable_params": spec.plan.trainable_params,
             "train_time_s": train_time_s,
             "peak_memory_mb": peak_memory_mb(run.device),
             "tokens_per_s": trained_tokens / train_time_s,
@@ -441,7 +329,7 @@ def train_run(spec: dict) -> dict:
         "resumed_from_step": resume.step if resume else None,
         **_losses(per_example, base),
         "curves": curves,
-        "placement": _placement_record(placement),
+        "placement": spec.plan.record,
         "generations": [
             {"prompt": p, "base": b, "adapted": g}
             for p, b, g in zip(prompts, base_texts, generations, strict=True)
@@ -474,23 +362,20 @@ def _data_record(cfg: StudyConfig, rows: dict, per_example: list) -> dict:
     }
 
 
-def _start(spec: dict) -> Run:
-    """The run's config (with any injected learning rate), resolved paths, threads and seeds."""
-    from loraplace.plan.strategies import from_dict
-
-    cfg = StudyConfig(**spec["config"])
-    strategy, seed = from_dict(spec["strategy"]), spec["seed"]
-    injected = faults.for_run(strategy.name, seed)
+def _start(spec: RunSpec) -> Run:
+    """The run's config (with any injected learning rate), its GPU, threads and seeds."""
+    cfg = spec.config
+    injected = faults.for_run(spec.name, spec.seed)
     if "lr" in injected:
         cfg = dataclasses.replace(cfg, lr=float(injected["lr"]))
-    run = Run(spec, cfg, strategy, seed, Path(spec["run_dir"]), injected, run_paths(spec, cfg))
+    run = Run(spec, cfg, injected)
     if run.device == "cuda":
-        pin_one_gpu(spec.get("gpu"))
-    threads = cfg.threads or spec.get("threads")  # the study's share of the cores, if any
+        pin_one_gpu(spec.gpu)
+    threads = cfg.threads or spec.threads  # the study's share of the cores, if any
     if threads:
         torch.set_num_threads(threads)
     run.released = cfg.release_memory and release_freed_memory()
-    seed_everything(seed)
+    seed_everything(spec.seed)
     return run
 
 
@@ -517,52 +402,47 @@ def _evaluator(run: Run, model, eval_set, collate, head: str | None):
     return evaluate
 
 
-def autocast(paths: dict):
+def autocast(paths: Paths):
     """torch's autocast in the run's precision; nothing in float32."""
     from contextlib import nullcontext
 
     from loraplace.train.load import DTYPES
 
-    precision = paths.get("precision", "float32")
-    if precision == "float32":
+    if paths.precision == "float32":
         return nullcontext()
-    return torch.autocast(paths["device"], dtype=DTYPES[precision])
+    return torch.autocast(paths.device, dtype=DTYPES[paths.precision])
 
 
-def planned_placement(spec: dict, model, cfg: StudyConfig):
-    """The placement on the loaded model, which must be the study's plan: the same modules
-    with the same ranks and trainable count (a spec without a plan is placed here)."""
+def check_plan(spec: RunSpec, model) -> None:
+    """The strategy placed again on the loaded model must give the spec's plan: the same
+    modules with the same ranks and trainable count (the run attaches the plan, not this)."""
     from loraplace.plan.placement import place
     from loraplace.plan.roles import classify
-    from loraplace.plan.strategies import from_dict
 
-    placement = place(classify(model), from_dict(spec["strategy"]), cfg.rank, cfg.bias)
-    plan = spec.get("plan")
-    if plan and (
-        plan["ranks"] != placement.ranks or plan["trainable_params"] != placement.trainable_params
-    ):
-        extra = sorted(set(placement.ranks) - set(plan["ranks"]))[:3]
-        missing = sorted(set(plan["ranks"]) - set(placement.ranks))[:3]
+    cfg, plan = spec.config, spec.plan
+    placement = place(classify(model), spec.strategy, cfg.rank, cfg.bias)
+    if plan.ranks != placement.ranks or plan.trainable_params != placement.trainable_params:
+        extra = sorted(set(placement.ranks) - set(plan.ranks))[:3]
+        missing = sorted(set(plan.ranks) - set(placement.ranks))[:3]
         raise RuntimeError(
-            f"the loaded model does not place {spec['strategy']['name']!r} as planned: "
+            f"the loaded model does not place {spec.name!r} as planned: "
             f"{placement.trainable_params:,} trainable parameters against the plan's "
-            f"{plan['trainable_params']:,} (extra {extra}, missing {missing})"
+            f"{plan.trainable_params:,} (extra {extra}, missing {missing})"
         )
-    return placement
 
 
-def _adapt(run: Run, model, placement, products: dict, packed: bool, head: dict):
+def _adapt(run: Run, model, products: dict, packed: bool, head: dict):
     """Attach exactly the planned adapters, then the fused functions that hold on this model."""
     from loraplace.fast.headloss import head_is_frozen
     from loraplace.fast.kernels import accelerate
     from loraplace.plan.adapters import attach
 
-    cfg, notes, cpu = run.cfg, run.notes, run.paths.get("cpu_kernels", True)
-    model = attach(model, placement, cfg.alpha, cfg.dropout, cfg.bias)
-    bf16 = run.paths["product_dtype"] == "bfloat16"
-    taken = accelerate(model, cfg.fused_lora and cpu, run.paths["onednn"], cfg.fused_mlp and cpu,
+    cfg, notes, cpu = run.cfg, run.notes, run.paths.cpu_kernels
+    model = attach(model, run.spec.plan, cfg.alpha, cfg.dropout, cfg.bias)
+    bf16 = run.paths.product_dtype == "bfloat16"
+    taken = accelerate(model, cfg.fused_lora and cpu, run.paths.onednn, cfg.fused_mlp and cpu,
                        bf16, products.get("decoder"))  # fmt: skip
-    if cfg.fused_lora and placement.modules and cpu and not taken["fused_lora"]:
+    if cfg.fused_lora and run.spec.plan.ranks and cpu and not taken["fused_lora"]:
         notes.add("fused_lora", "no adapted layer is one the fused function reproduces exactly")
     if bf16 and not taken["bf16_products"]:
         notes.add("product_dtype", "no frozen float32 product to run in bfloat16")
@@ -571,8 +451,8 @@ def _adapt(run: Run, model, placement, products: dict, packed: bool, head: dict)
         notes.add("fused_head_loss", "the model's own loss differs from the blocked head loss")
     taken["fused_head"] = bool(fused_head)
     taken["head_libraries"] = head["onednn"] if fused_head else (False, False)
-    taken["liger"] = bool(run.paths.get("liger")) and liger_applies(model)
-    if run.paths.get("liger") and not taken["liger"]:
+    taken["liger"] = run.paths.liger and liger_applies(model)
+    if run.paths.liger and not taken["liger"]:
         notes.add("liger_kernel", f"Liger has no functions for {model.config.model_type} models")
     return model, taken
 
@@ -604,7 +484,7 @@ def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
     cfg = run.cfg
     curves: dict = {"train": [], "eval": [], "last_eval": None}
     key = checkpoints.run_key(
-        run_settings(cfg.to_dict()), run.spec["strategy"], run.seed,
+        run_settings(cfg.to_dict()), to_dict(run.spec.strategy), run.spec.seed,
         [e.input_ids for e in train_set],
     )  # fmt: skip
     resume = checkpoints.latest(run.run_dir, key)
@@ -615,11 +495,11 @@ def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
     packed = batching["packed"]
     cls = chunked_trainer(taken["fused_head"], taken["head_libraries"]) if packed else Trainer
     steps = math.ceil(math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum)) * cfg.epochs)
-    paths = run.paths | {"liger": taken["liger"]}
+    paths = dataclasses.replace(run.paths, liger=taken["liger"])
     guard = recorder(evaluate, curves, cfg.eval_every_epoch, each_step=run.device == "cpu")
     trainer = cls(
         model=model,
-        args=training_args(cfg, run.run_dir, run.seed, run.strategy.name, paths, steps),
+        args=training_args(cfg, run.run_dir, run.spec.seed, run.spec.name, paths, steps),
         train_dataset=train_set,
         data_collator=batching["collate"],
         callbacks=[guard],
@@ -628,7 +508,7 @@ def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
         raise RuntimeError(
             f"this run sees {trainer.args.n_gpu} GPUs; a run trains on one (CUDA_VISIBLE_DEVICES)"
         )
-    if run.paths.get("precision") == "fp16":  # overflowing steps are the scaler's to skip
+    if run.paths.precision == "fp16":  # overflowing steps are the scaler's to skip
         guard.loss_scale = trainer.accelerator.scaler.get_scale
     trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
     every_s = cfg.checkpoint_minutes * 60 if cfg.checkpoint_minutes else None
@@ -668,7 +548,7 @@ def _paths_taken(run: Run, products: dict, batching: dict, taken: dict, eval_hea
     """Which paths this run took, for result.json: resolved, never `auto`."""
     return {
         "device": run.device,
-        "paths": run.paths,
+        "paths": run.paths.to_dict(),
         "products": products,
         "fallbacks": list(run.notes),
         "phases_s": dict(run.phases),
@@ -682,7 +562,7 @@ def _paths_taken(run: Run, products: dict, batching: dict, taken: dict, eval_hea
         "eval_head": eval_head,
         "release_memory": run.released,
         "threads": torch.get_num_threads(),
-        "runs_at_once": run.spec.get("runs_at_once"),  # None: not said (a Ray task)
+        "runs_at_once": run.spec.runs_at_once,  # None: not said (a Ray task)
         "liger": taken["liger"],
         "gpu": gpu_record(run.device),
     }
@@ -714,35 +594,18 @@ def pin_one_gpu(gpu: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = visible[0] if visible else "0"
 
 
-def _placement_record(placement) -> dict:
-    return {
-        "modules": placement.paths,
-        "ranks": placement.ranks,
-        "map": [[m.path, m.layer, m.role, placement.ranks[m.path]] for m in placement.modules],
-        "layers": placement.layers,
-        "literal": placement.literal,
-        "trainable_by_role": placement.trainable_by_role,
-        "trainable_by_layer": {str(k): v for k, v in sorted(placement.trainable_by_layer.items())},
-    }
-
-
 def run_spec_file(spec_path: Path) -> int:
     """Run the spec and write result.json atomically, status ok or failed with its reason."""
-    spec = json.loads(spec_path.read_text())
-    result = {
-        "status": "failed",
+    spec = RunSpec.read(spec_path)
+    result = spec.failed(None) | {
         "process": os.getpid(),
         "parent_process": os.getppid(),  # the study, or the server that forked this run
-        "strategy": spec["strategy"]["name"],
-        "seed": spec["seed"],
-        "config": spec["config"],
-        "strategy_spec": spec["strategy"],
         "loraplace_version": __version__,
         **environment(),
         "timing": {"started": time.time()},  # wall clock: runs at once overlap in these
     }
     try:
-        faults.limit_file_size(faults.for_run(spec["strategy"]["name"], spec["seed"]))
+        faults.limit_file_size(faults.for_run(spec.name, spec.seed))
         result.update(train_run(spec))
         result["status"] = "ok"
     except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as err:
@@ -759,7 +622,7 @@ def run_spec_file(spec_path: Path) -> int:
             result["traceback"] = traceback.format_exc()
     result["timing"]["finished"] = time.time()
     write_result(spec_path.parent / "result.json", result)
-    if result["status"] == "ok" and not spec["config"].get("keep_checkpoints"):
+    if result["status"] == "ok" and not spec.config.keep_checkpoints:
         checkpoints.clear(spec_path.parent)
     return 0 if result["status"] == "ok" else 1
 

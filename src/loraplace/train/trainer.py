@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from loraplace.config import StudyConfig
+from loraplace.fast.hardware import Paths
 from loraplace.train.evaluate import token_weighted
 
 # An fp16 run's loss scale below this means its gradients overflowed at 17 or more steps in a
@@ -121,7 +122,7 @@ def chunked_trainer(fused_head_loss: bool = False, onednn_head=(False, False)):
 
 
 def training_args(
-    cfg: StudyConfig, run_dir: Path, seed: int, name: str, paths: dict, total_steps: int = 1
+    cfg: StudyConfig, run_dir: Path, seed: int, name: str, paths: Paths, total_steps: int = 1
 ):
     from transformers import TrainingArguments
 
@@ -138,16 +139,16 @@ def training_args(
         optim=cfg.optimizer,
         seed=seed,
         data_seed=seed,
-        logging_steps=logging_steps(paths["device"], total_steps),
+        logging_steps=logging_steps(paths.device, total_steps),
         logging_nan_inf_filter=False,  # a NaN loss is logged as it is (and stops the run)
         save_strategy="no",
         eval_strategy="no",
         report_to=cfg.report_to or "none",
         run_name=f"{name}-seed-{seed}",
-        use_cpu=paths["device"] == "cpu",
-        bf16=paths.get("precision") == "bf16",  # autocast; adapters and optimizer stay float32
-        fp16=paths.get("precision") == "fp16",  # autocast with loss scaling (CUDA only)
-        use_liger_kernel=bool(paths.get("liger")),
+        use_cpu=paths.device == "cpu",
+        bf16=paths.precision == "bf16",  # autocast; adapters and optimizer stay float32
+        fp16=paths.precision == "fp16",  # autocast with loss scaling (CUDA only)
+        use_liger_kernel=paths.liger,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=not sys.stderr.isatty() and not os.environ.get("LORAPLACE_PROGRESS"),

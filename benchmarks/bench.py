@@ -1,6 +1,6 @@
-"""`loraplace bench`: the same study the plain way and loraplace's way, side by side.
+"""`make bench`: the same study the plain way and loraplace's way, side by side.
 
-    loraplace bench --data ../shared/data/alpaca_head200.json --out runs/bench
+    python benchmarks/bench.py --data ../shared/data/alpaca_head200.json --out runs/bench
 
 (a) plain: the seed's pipeline, Hugging Face Trainer + PEFT, every example padded to
     max_length, batch 1 x grad-accum 4, one placement after another, each in a fresh process
@@ -20,8 +20,8 @@ same state. Results: OUT/bench.json and OUT/bench.md. Not a test: no asserts.
 
 from __future__ import annotations
 
-import json
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -181,7 +181,7 @@ def render_fixed_costs(rows: list[dict]) -> str:
 def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
     """Each strategy the plain way, and all of them as loraplace's study; bench.json and
     bench.md."""
-    from loraplace.runner import describe_paths, prepare
+    from loraplace.study.prepare import describe_paths, prepare
 
     out = Path(out)
     prepared = prepare(cfg)
@@ -192,7 +192,7 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
         f"bench: float32 matmul peak {peak:.0f} GFLOP/s; {len(strategies)} strategies, plain one by one, loraplace as one study after the first"
     )
     lengths = _train_lengths(cfg)
-    results, study_wall = _run_both(cfg, strategies, out, log, prepared.paths["precision"])
+    results, study_wall = _run_both(cfg, strategies, out, log, prepared.paths.precision)
     rows = []
     for s in strategies:
         plain, fast = results["plain"][s.name], results["loraplace"][s.name]
@@ -224,10 +224,10 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
 def _train_lengths(cfg: StudyConfig) -> list[int]:
     """Tokens of every training example, for the FLOP count."""
     from loraplace.data.rows import load_rows, tokenize
-    from loraplace.plan.models import resolve
+    from loraplace.plan.models import resolve_model
     from loraplace.train.load import load_model
 
-    _, tokenizer = load_model(resolve(cfg.model, cfg.trust_remote_code))
+    _, tokenizer = load_model(resolve_model(cfg.model, cfg.trust_remote_code))
     rows = load_rows(cfg.data, cfg.train_split)
     return [len(e.input_ids) for e in tokenize(rows, tokenizer, cfg.max_length, cfg.loss_on)]
 
@@ -238,7 +238,7 @@ def _run_both(
     """({"plain": {strategy: result}, "loraplace": {...}}, loraplace's study wall time), each
     result with its run's wall time. The plain path runs the placements one after another,
     each a study of its own, as the seed's scripts do; loraplace runs them as one study."""
-    from loraplace.runner import run_study
+    from loraplace.study.runner import run_study
 
     results: dict[str, dict] = {"plain": {}, "loraplace": {}}
     for tag in results:  # nothing carried over from an earlier benchmark
@@ -304,5 +304,34 @@ def _total(
     return total
 
 
-if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps(matmul_peak_gflops()))
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from loraplace.cli import add_study_args, study_config
+    from loraplace.core.errors import UserError
+    from loraplace.core.quiet import quiet_libraries
+
+    parser = argparse.ArgumentParser(
+        prog="python benchmarks/bench.py", description=__doc__.split("\n")[0]
+    )
+    add_study_args(parser)
+    parser.add_argument("--out", default="runs/bench", help="benchmark folder (runs/bench)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    defaults = {} if args.config else {"model": "embedded", "data": "embedded",
+                                       "strategies": ["full", "attention", "ffn"]}  # fmt: skip
+    try:
+        report = run_bench(
+            study_config(args, defaults), args.out, log=lambda x: print(x, flush=True)
+        )
+    except UserError as err:
+        print(f"bench: error: {err}", file=sys.stderr)
+        return 2
+    print()
+    print(render(report))
+    print(f"results: {args.out}/bench.json and {args.out}/bench.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

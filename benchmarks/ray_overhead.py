@@ -2,9 +2,9 @@
 the local executor and by Ray on this machine, alternating, each study in a process of its own
 (as `loraplace study` runs it) and a fresh output folder.
 
-    python docs/ray_overhead.py MODEL_DIR DATA.json OUT_DIR [ROUNDS [VARIANT ...]]
+    python benchmarks/ray_overhead.py MODEL_DIR DATA.json OUT_DIR [ROUNDS [VARIANT ...]]
 
-MODEL_DIR is a tiny model saved like a hub model (tests/conftest.py's `tiny_gpt2_dir` builds
+MODEL_DIR is a tiny model saved like a hub model (tests/tiny.py's `save_tiny_gpt2` builds
 one). Prints one JSON line per study: wall time of the process, of `run_study`, of its runs
 (from the "study:" line to the end, Ray's start and stop included) and each run's own figures.
 """
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from loraplace.config import load_config
-from loraplace.runner import run_study
+from loraplace.study.runner import run_study
 
 SETTINGS = {
     "train_split": "train[:8]",

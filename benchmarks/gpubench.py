@@ -1,20 +1,24 @@
 """`make bench-gpu`: one prepared GPU benchmark that writes every result as it goes.
 
-    python -m loraplace.gpubench --out runs/bench-gpu             # one H200: under 6 min (planned)
-    python -m loraplace.gpubench --out /tmp/gpubench --dry-run    # tiny random models, CPU, seconds
+    python benchmarks/gpubench.py --out runs/bench-gpu            # one H100/H200: under 6 min (planned)
+    python benchmarks/gpubench.py --out /tmp/gpubench --dry-run   # tiny random models, CPU, seconds
 
 What it measures, each part guarded (a part that raises is recorded as failed, the rest go on):
 (b) training throughput and MFU of a PEFT LoRA (rank 16 on every attention and MLP projection)
     trained with AdamW on random token batches, for the embedded SmolLM2-135M and for
     DialoGPT-medium and Llama-3.2-1B built from their config.json with random weights (their
-    speed does not depend on the weights); bfloat16 autocast on CUDA, float32 on CPU;
+    speed does not depend on the weights); bfloat16 autocast on CUDA, float32 on CPU; FLOPs
+    count the frozen linears and head (forward and input gradient), the adapters (forward and
+    both gradients) and causal attention (forward and backward);
 (c) the peak memory of each of those runs and of each study run;
 (a) the seed-size offline study, the plain way and loraplace's way (`bench.run_bench`), one
-    strategy at a time so a kill keeps the strategies that finished.
+    strategy at a time so a kill keeps the strategies that finished, both in the precision
+    loraplace resolves (bf16 on a GPU that has it).
 (b) comes first: it is short and bounded, (a) is the long part. After every measurement
 OUT/results.jsonl (the environment first, then one record per measurement) and OUT/results.md
 are rewritten atomically; OUT/bench.log has the study's log. The study's run folders go to
---work (a temporary folder unless given), so OUT holds three files.
+--work (a temporary folder unless given), so OUT holds three files. Its only inputs outside
+the repository are the documented shared data and model configs (../shared, or --shared).
 No part starts after --budget-s (240 s), so the whole run ends within 6 minutes on one H200
 if no single part takes more than about 2 minutes: planned, not yet measured on a GPU.
 """
@@ -25,7 +29,6 @@ import argparse
 import gc
 import json
 import math
-import resource
 import sys
 import tempfile
 import time
@@ -37,13 +40,14 @@ from pathlib import Path
 import torch
 
 from loraplace.core.results import environment, write_text
+from loraplace.train.run import peak_memory_mb
 
 # Dense bfloat16 peaks from NVIDIA's data sheets, the first name found in the device's name
 # wins: the SXM parts (H200 has H100's compute) at 989 TFLOP/s, the PCIe and NVL cards lower.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12,
                    "H100": 989e12, "H200": 989e12}  # fmt: skip
 STRATEGIES = ("full", "attention", "ffn")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 RANDOM = "random weights"
 
 
@@ -114,16 +118,13 @@ def environment_record(device: str) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "peak_bf16_flops": peak_flops(device),
+        # float32 products in TF32 (fewer mantissa bits, faster) or not: what a float32
+        # number here means
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         **environment(),
     }
-
-
-def peak_memory_mb(device: str) -> float:
-    """On CUDA the run's peak allocation; on CPU the process's peak resident size so far."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 # --- (b) and (c): throughput, MFU and peak memory ----------------------------------------------
@@ -134,10 +135,10 @@ def build_model(spec: ModelSpec, device: str) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.pretrained:
-        from loraplace.plan.models import resolve
+        from loraplace.plan.models import resolve_model
         from loraplace.train.load import load_model
 
-        return load_model(resolve(spec.source))[0].to(device)
+        return load_model(resolve_model(spec.source))[0].to(device)
     config = AutoConfig.from_pretrained(spec.source)
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a 1B model in a second on a GPU
@@ -154,10 +155,12 @@ def attach_lora(model: torch.nn.Module, rank: int = 16) -> tuple[torch.nn.Module
     from loraplace.plan.strategies import BUILTINS
 
     placement = place(classify(model), BUILTINS["full"], rank=rank)
-    macs = architecture(model, placement)["linear_macs_per_token"]
+    arch = architecture(model, placement.ranks)
     total = sum(p.numel() for p in model.parameters())
     peft_model = attach(model, placement, alpha=2 * rank, dropout=0.1)
-    facts = {"params": total, "frozen_linear_params": macs, "lora_rank": rank}
+    facts = {"params": total, "frozen_linear_params": arch["linear_macs_per_token"],
+             "adapter_macs_per_token": sum(r * (i + o) for _, i, o, r in arch["adapters"]),
+             "n_layers": arch["n_layers"], "attn_dim": arch["attn_dim"], "lora_rank": rank}  # fmt: skip
     return peft_model, facts | {"trainable_params": trainable_params(peft_model)}
 
 
@@ -204,7 +207,7 @@ def measure_throughput(spec: ModelSpec, plan: Plan) -> dict:
         torch.cuda.reset_peak_memory_stats()
     model, facts = attach_lora(build_model(spec, plan.device))
     timing = time_training(model, plan)
-    flops = 4 * facts["frozen_linear_params"] * timing["tokens_per_s"]  # forward + input grad
+    flops = flops_per_token(facts, plan.seq) * timing["tokens_per_s"]
     peak = peak_flops(plan.device)
     row = {
         "weights": "pretrained" if spec.pretrained else RANDOM,
@@ -215,13 +218,25 @@ def measure_throughput(spec: ModelSpec, plan: Plan) -> dict:
         "warmup_steps": plan.warmup,
         **facts,
         **timing,
-        "frozen_tflops": flops / 1e12,
+        "tflops": flops / 1e12,
         "mfu_pct": 100 * flops / peak if peak else None,
         "peak_memory_mb": peak_memory_mb(plan.device),
     }
     del model
     free(plan.device)
     return row
+
+
+def flops_per_token(facts: dict, seq: int) -> float:
+    """Training FLOPs a token of a `seq`-token sequence needs: every frozen linear and the head
+    2 x in x out forward and as much for the input gradient; every adapter 2 r (in + out)
+    forward and twice that backward (input and weight gradients); causal attention, QK and
+    AV over half the sequence on average, 2 x 2 x d x seq / 2 per layer forward and twice
+    that backward (as `bench.training_flops` counts a study's)."""
+    frozen = 4 * facts["frozen_linear_params"]
+    adapters = 6 * facts["adapter_macs_per_token"]
+    attention = 3 * 2 * facts["n_layers"] * facts["attn_dim"] * seq
+    return frozen + adapters + attention
 
 
 def free(device: str) -> None:
@@ -245,7 +260,7 @@ def measure_study(plan: Plan, strategy: str, work: Path, rec: Recorder) -> dict:
     """One strategy the plain way and loraplace's way (`bench.run_bench`), each run in its own
     process. A strategy per call, so each one's row is kept as soon as it exists; the cost is
     that loraplace's untrained-model evaluation, shared by a study's runs, is redone each time."""
-    from loraplace.bench import run_bench
+    from bench import run_bench
 
     cfg = study_config(plan.study, strategy)
     report = run_bench(cfg, work / strategy, log=rec.log)
@@ -297,7 +312,7 @@ def run_parts(plan: Plan, rec: Recorder, work: Path) -> None:
 
 THROUGHPUT_COLUMNS = [("model", "model"), ("weights", "weights"), ("params", "params M"),
     ("frozen_linear_params", "frozen linear+head M"), ("trainable_params", "trainable M"),
-    ("shape", "batch x seq"), ("tokens_per_s", "tokens/s"), ("frozen_tflops", "TFLOP/s"),
+    ("shape", "batch x seq"), ("tokens_per_s", "tokens/s"), ("tflops", "TFLOP/s"),
     ("mfu_pct", "MFU %"), ("peak_memory_mb", "peak memory MB"), ("status", "status")]  # fmt: skip
 STUDY_COLUMNS = [("strategy", "strategy"), ("plain_wall_s", "plain wall s"),
     ("loraplace_wall_s", "loraplace wall s"), ("speedup", "speedup"),
@@ -336,15 +351,17 @@ def render(records: list[dict]) -> str:
         "# GPU benchmark (`make bench-gpu`)",
         "",
         f"Device: {env.get('device_name')} ({env.get('gpu_count')} GPUs), torch {env.get('torch')}, "
-        f"CUDA {env.get('cuda')}, git {env.get('git_hash')}.",
+        f"CUDA {env.get('cuda')}, git {env.get('git_hash')}. TF32: matmul "
+        f"{env.get('tf32_matmul')}, cuDNN {env.get('tf32_cudnn')}, float32 matmul precision "
+        f"{env.get('float32_matmul_precision')}.",
         *(f"Note: {n}" for n in env.get("notes", [])),
         "",
         "## (b, c) Training throughput, MFU and peak memory",
         "",
         "LoRA rank 16 on every attention and MLP projection, AdamW, random token batches; "
         "bfloat16 autocast on CUDA, float32 on CPU. TFLOP/s counts the frozen linears and the "
-        "output head only (4 x their parameters per token: forward and input gradient; no "
-        "attention scores, no adapters); MFU is that against "
+        "output head (forward and input gradient), the adapters (forward and both gradients) "
+        "and causal attention (forward and backward); MFU is that against "
         + (f"{peak / 1e12:.0f} TFLOP/s dense bf16." if peak else "no known peak (left empty).")
         + f" '{RANDOM}': the model is built from its config.json and never loaded.",
         "",
@@ -352,8 +369,9 @@ def render(records: list[dict]) -> str:
         "",
         "## (a) The seed-size offline study, plain vs loraplace",
         "",
-        "One strategy at a time, each the plain way (every fast path off) and loraplace's way; "
-        "wall time includes process start, model load and evaluations.",
+        "One strategy at a time, each the plain way (every fast path off) and loraplace's way, "
+        "both in the precision loraplace resolves here; wall time includes process start, "
+        "model load and evaluations. A side that failed gives no speedup.",
         "",
         *_table([r for r in records if r["part"] == "study"], STUDY_COLUMNS),
     ]
@@ -364,12 +382,12 @@ def render(records: list[dict]) -> str:
 
 
 def find_shared(given: str | None) -> Path:
-    """The project's shared folder: --shared, else ./shared or ../shared (from here or the
-    repository), so a copy carried inside the checkout is found too."""
-    if given:
-        return Path(given)
-    places = (Path("shared"), Path("../shared"), REPO / "shared", REPO.parent / "shared")
-    return next((p for p in places if p.is_dir()), Path("../shared"))
+    """The project's shared folder: --shared, else ../shared beside the repository (the
+    documented place); SystemExit with one sentence where it is not there."""
+    shared = Path(given) if given else REPO.parent / "shared"
+    if not (shared / "data" / "alpaca_head200.json").is_file():
+        raise SystemExit(f"gpubench: no shared data at {shared}; pass --shared FOLDER")
+    return shared
 
 
 def gpu_plan(args, device: str) -> Plan:
@@ -392,43 +410,13 @@ def gpu_plan(args, device: str) -> Plan:
                 30 if big else 3, study, STRATEGIES, args.budget_s)  # fmt: skip
 
 
-def tiny_gpt2_dir(root: Path) -> Path:
-    """A tiny random GPT-2 with a one-token-per-ASCII-character tokenizer, saved like a hub model
-    (tests/conftest.py builds the same)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    path = root / "tiny-gpt2"
-    vocab = {chr(i): i for i in range(127)} | {"<|endoftext|>": 127}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
-    tok.decoder = decoders.Fuse()
-    eos = "<|endoftext|>"
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos).save_pretrained(
-        path
-    )
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, vocab_size=128,
-                        bos_token_id=127, eos_token_id=127)  # fmt: skip
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-def tiny_llama_dir(root: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = root / "tiny-llama"
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def dry_plan(args, root: Path) -> Plan:
     """The same parts on tiny random models on the CPU, in seconds: proves the script, not speed.
     The embedded model's place is taken by a tiny GPT-2 loaded with its weights."""
-    gpt2, llama = tiny_gpt2_dir(root), tiny_llama_dir(root)
+    sys.path.insert(0, str(REPO / "tests"))  # the tests' tiny models
+    from tiny import save_tiny_gpt2, save_tiny_llama
+
+    gpt2, llama = save_tiny_gpt2(root / "tiny-gpt2"), save_tiny_llama(root / "tiny-llama")
     models = [
         ModelSpec("embedded", str(gpt2), pretrained=True),
         ModelSpec("dialogpt-medium", str(gpt2), pretrained=False),
@@ -451,12 +439,12 @@ def dry_plan(args, root: Path) -> Plan:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m loraplace.gpubench", description=__doc__.split("\n")[0]
+        prog="python benchmarks/gpubench.py", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", default="runs/bench-gpu", help="results folder (runs/bench-gpu)")
     p.add_argument("--dry-run", action="store_true", help="tiny random models on the CPU")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--shared", help="folder with data/ and models/ (default ./shared or ../shared)")
+    p.add_argument("--shared", help="folder with data/ and models/ (default ../shared)")
     p.add_argument("--work", help="folder for the study's runs (default: a temporary one)")
     p.add_argument("--study-model", help="model of the study, part (a) (default: embedded)")
     p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",

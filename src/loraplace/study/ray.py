@@ -5,9 +5,10 @@
 
 Each run is a plain Ray task with the resources `cpus_per_run` and `gpus_per_run` (Ray assigns
 the GPU and sets CUDA_VISIBLE_DEVICES). On its node the task trains in a temporary folder laid
-out like OUT, in a fresh process (`python -m loraplace.cluster SPEC`: train.py's run, ended
-with the task, on the paths the node resolves), and returns result.json and every file the run made as bytes through Ray's
-object store; the driver writes them into OUT atomically, result.json last, so a run counts as
+out like OUT, in a fresh process (`python -m loraplace.study.ray SPEC`: the run, ended with the
+task, on the paths the node resolves), and returns result.json and every file the run made as
+bytes through Ray's object store; the driver writes them into OUT atomically, result.json
+last, so a run counts as
 done (`is_done`) only once all its files are there. No node needs the driver's filesystem. A
 task whose process or node died is tried again (`max_retries`); a run that fails for its own
 reason (a diverged loss) returns its failed result and is not tried again.
@@ -27,14 +28,17 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from loraplace.config import StudyConfig
 from loraplace.core.errors import UserError
-from loraplace.core.results import run_dir, write_bytes_atomic, write_json, write_result
+from loraplace.core.results import run_dir, write_bytes_atomic, write_result
+from loraplace.core.timefmt import duration
+from loraplace.study.local import run_env
+from loraplace.study.spec import SPEC, RunSpec
 
 INSTALL = "pip install 'loraplace[ray]'"
-SPEC = "spec.json"
 BASE_EVAL = "base_eval.json"
 
 
@@ -97,20 +101,19 @@ def run_resources(ray, cfg: StudyConfig) -> tuple[float, float]:
     return cpus, gpus
 
 
-def paths_here(spec: dict) -> dict:
+def on_this_node(spec: RunSpec) -> RunSpec:
     """The spec as this node runs it. The driver resolved the `auto` paths (device, libraries,
-    product dtype) on its own machine; a node that resolves them otherwise (a GPU node under a
-    CPU driver, a CPU without bfloat16) drops them and the run resolves its own (train.py)."""
-    if "paths" not in spec:
+    product dtype) on its own machine, or left them to the nodes; a node that resolves them
+    otherwise (a GPU node under a CPU driver, a CPU without bfloat16) runs with its own paths
+    and its own measured product libraries. UserError for a setting this node cannot run."""
+    from loraplace.study.prepare import measure_products, product_shapes
+
+    here = spec.config.resolve_paths()
+    if here == spec.paths:
         return spec
-    cfg = StudyConfig(**spec["config"])
-    try:
-        here = cfg.resolve_paths().to_dict()
-    except UserError:
-        return spec  # a path this node cannot take: the run records why
-    if here == spec["paths"]:
-        return spec
-    return {k: v for k, v in spec.items() if k not in ("paths", "products")}
+    threads = spec.threads or spec.config.threads
+    products = measure_products(spec.config, here, product_shapes(spec.config), threads)
+    return spec.with_(paths=here, products=products)
 
 
 def _node() -> dict:
@@ -189,7 +192,7 @@ def gpu_share_note(gpus: float, need) -> str | None:
     )
 
 
-def train_on_node(spec: dict, study: str, threads: int, data: dict | None = None) -> dict:
+def train_on_node(spec: RunSpec, study: str, threads: int, data: dict | None = None) -> dict:
     """(A Ray task, on a node) Train one run in a temporary folder laid out like OUT.
 
     `data`: the study's local data, shipped through the object store (`data_payload`).
@@ -197,11 +200,8 @@ def train_on_node(spec: dict, study: str, threads: int, data: dict | None = None
     OUT, its folders, the temporary folder it used (deleted by then) and its wall time.
     Raises `RunProcessDied` where the run's process ended without a result (Ray retries).
     """
-    from loraplace.runner import _env
-
     started = time.perf_counter()
-    cfg = StudyConfig(**spec["config"])
-    name, seed = spec["strategy"]["name"], spec["seed"]
+    cfg, name, seed = spec.config, spec.name, spec.seed
     node = _node()
     # the untrained model's evaluation, cached per node and study (train.base_evaluation checks
     # its key, so a stale file is recomputed, never used)
@@ -211,19 +211,19 @@ def train_on_node(spec: dict, study: str, threads: int, data: dict | None = None
         root = Path(tmp)
         folder = run_dir(root, name, seed)
         folder.mkdir(parents=True)
-        local = spec | {"run_dir": str(folder), "base_eval": str(cache)}
+        local = spec.with_(run_dir=str(folder), base_eval=str(cache), threads=threads)
         if data is not None:  # read from this node's copy; the result keeps the study's name
             copy = unpack_data(data, cache.parent.parent / "loraplace-data" / study)
-            local["config"] = spec["config"] | {"data": str(copy)}
-        write_json(folder / SPEC, local)
-        env = _env(cfg, root, f"{name}-seed-{seed}")
+            local = local.with_(config=replace(cfg, data=str(copy)))
+        local.write()
+        env = run_env(cfg, root, f"{name}-seed-{seed}")
         env["WANDB_RUN_GROUP"] = os.environ.get("WANDB_RUN_GROUP", study)
         env["OMP_NUM_THREADS"] = str(threads)  # train.py sets torch's threads where `threads` is
         import ray
 
         if not ray.get_gpu_ids():  # a run given no GPU sees none
             env["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [sys.executable, "-m", "loraplace.cluster", str(folder / SPEC)]
+        cmd = [sys.executable, "-m", "loraplace.study.ray", str(folder / SPEC)]
         code = subprocess.run(cmd, env=env, cwd=tmp).returncode
         result_path = folder / "result.json"
         if not result_path.is_file():
@@ -248,22 +248,6 @@ def _n(count: float, word: str, plural: str = "") -> str:
     return f"{count:g} {word if count == 1 else plural or word + 's'}"
 
 
-def _fmt(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def _lost(spec: dict, error: str) -> dict:
-    return {
-        "status": "failed",
-        "strategy": spec["strategy"]["name"],
-        "seed": spec["seed"],
-        "config": spec["config"],
-        "strategy_spec": spec["strategy"],
-        "error": error,
-    }
-
-
 def _reason(err: Exception, retries: int) -> str:
     """Why a task gave no result: its process or node died every time, or the task itself broke."""
     cause = getattr(err, "cause", None) or err  # a task's own exception inside RayTaskError
@@ -273,7 +257,7 @@ def _reason(err: Exception, retries: int) -> str:
     return f"lost after {retries} retries: {type(cause).__name__}: {first}"
 
 
-def store(out: Path, spec: dict, payload: dict) -> dict:
+def store(out: Path, spec: RunSpec, payload: dict) -> dict:
     """Write a run's files into OUT atomically, its result.json last; the result."""
     for rel in payload["folders"]:
         (Path(out) / rel).mkdir(parents=True, exist_ok=True)
@@ -282,8 +266,8 @@ def store(out: Path, spec: dict, payload: dict) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, data)
     result = {k: v for k, v in payload["result"].items() if k != "checksum"}
-    result["config"] = spec["config"]  # the study's, not the node's copy of its data's path
-    write_result(Path(spec["run_dir"]) / "result.json", result)  # checksummed with its node
+    result["config"] = spec.config.to_dict()  # the study's, not the node's copy of its data
+    write_result(spec.folder / "result.json", result)  # checksummed with its node
     return result
 
 
@@ -294,7 +278,7 @@ def study_id(out: Path) -> str:
 
 
 def run_on_ray(
-    todo: list[dict], cfg: StudyConfig, out: Path, log=print, gpu_run=None
+    todo: list[RunSpec], cfg: StudyConfig, out: Path, log=print, gpu_run=None
 ) -> list[dict]:
     """Run the specs in `todo` as Ray tasks, all at once as far as the cluster has room; their
     results, in the order they finished, each also written to its run folder under OUT.
@@ -308,7 +292,7 @@ def run_on_ray(
             ray.shutdown()
 
 
-def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log, gpu_run=None) -> list[dict]:
+def _run(ray, todo: list[RunSpec], cfg: StudyConfig, out: Path, log, gpu_run=None) -> list[dict]:
     cpus, gpus = run_resources(ray, cfg)
     threads = cfg.threads or max(1, math.floor(cpus))
     alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -327,56 +311,65 @@ def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log, gpu_run=None) 
     data = ray.put(payload) if payload else None  # once for every task, by reference
     pending = {}
     for spec in todo:  # as the local executor leaves it: the spec, no result until it is back
-        folder = Path(spec["run_dir"])
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "result.json").unlink(missing_ok=True)
-        write_json(folder / "spec.json", spec)
+        spec.folder.mkdir(parents=True, exist_ok=True)
+        (spec.folder / "result.json").unlink(missing_ok=True)
+        spec.write()
         ref = task.options(
             num_cpus=cpus,
             num_gpus=gpus,
             max_retries=cfg.max_retries,
             retry_exceptions=[RunProcessDied],
-            name=f"loraplace:{spec['strategy']['name']}-seed-{spec['seed']}",
+            name=f"loraplace:{spec.name}-seed-{spec.seed}",
         ).remote(spec, study, threads, data)
         pending[ref] = spec
     started, results = time.perf_counter(), []
     while pending:
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         spec = pending.pop(ref)
-        name, seed = spec["strategy"]["name"], spec["seed"]
+        name, seed = spec.name, spec.seed
         try:
             payload = ray.get(ref)
             result = store(out, spec, payload)
             where = f" on {result['node']['name']} ({result['node']['ip']})"
-            took = f"{_fmt(payload['wall_s'])}, "
+            took = f"{duration(payload['wall_s'])}, "
         except ray.exceptions.RayError as err:
-            result = _lost(spec, _reason(err, cfg.max_retries))
-            write_result(Path(spec["run_dir"]) / "result.json", result)
+            result = spec.failed(_reason(err, cfg.max_retries))
+            write_result(spec.folder / "result.json", result)
             where, took = "", ""
         results.append(result)
         elapsed = time.perf_counter() - started
-        eta = f", ETA {_fmt(elapsed / len(results) * len(pending))}" if pending else ""
+        eta = f", ETA {duration(elapsed / len(results) * len(pending))}" if pending else ""
         status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
         log(
             f"run {len(results)}/{len(todo)} finished: {name} seed {seed}{where}: {status} "
-            f"({took}elapsed {_fmt(elapsed)}{eta})"
+            f"({took}elapsed {duration(elapsed)}{eta})"
         )
     return results
 
 
-if __name__ == "__main__":  # a run on a node: train.py's run, ended with its task
+def run_here(spec_path: Path) -> int:
+    """A run on a node: its spec completed with this node's paths (`on_this_node`), then the
+    run; a setting this node cannot run is the run's failed result, not a retry."""
+    from loraplace.train.run import run_spec_file
+
+    spec = RunSpec.read(spec_path)
+    try:
+        local = on_this_node(spec)
+    except UserError as err:
+        write_result(spec.folder / "result.json", spec.failed(f"on this node: {err}"))
+        return 1
+    if local is not spec:
+        local.write(spec_path)
+    return run_spec_file(spec_path)
+
+
+if __name__ == "__main__":  # a run on a node, ended with its task
+    from loraplace.core.quiet import quiet_libraries
     from loraplace.core.results import die_with_parent
 
     die_with_parent()
-    from loraplace.core.quiet import quiet_libraries
-    from loraplace.train.run import run_spec_file
-
     quiet_libraries()
-    spec_path = Path(sys.argv[1])
-    spec = json.loads(spec_path.read_text())
-    if (local := paths_here(spec)) is not spec:
-        write_json(spec_path, local)
     try:
-        sys.exit(run_spec_file(spec_path))
+        sys.exit(run_here(Path(sys.argv[1])))
     except KeyboardInterrupt:
         sys.exit(130)
