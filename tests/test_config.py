@@ -354,3 +354,11 @@ def test_only_settings_that_change_a_run_decide_whether_it_is_reused():
     assert run_settings({"smallest_effect": 0.05}) == base  # the report's power plan only
     assert run_settings({"packing": False}) != base
     assert run_settings({"fused_lora": False}) != base
+
+
+def test_the_reference_table_of_every_key_is_the_configs_own():
+    from loraplace.config import FIELDS, reference_table
+
+    table = reference_table()
+    assert table in (REPO / "docs" / "reference.md").read_text()
+    assert all(f"| `{key}` |" in table for key in FIELDS)  # every key, in its group

@@ -3,7 +3,11 @@
     cfg = load_config("configs/offline.yaml", overrides={"epochs": 1}, sets=["lr=1e-4"])
     cfg.to_dict()   # saved with every result
 
-Unknown keys are an error with a "did you mean"; values are checked against the field types.
+Every key is declared once, in its group (data, lora, training, fast paths, execution,
+report), with its type (a `Literal` where it takes choices), its default, one line of docs and
+its check; the choices, the checks, the keys that do not change a run's result, the fast-path
+table and the reference table in docs/reference.md all come from those declarations. YAML and
+`--set` stay flat (`rank: 16`). Unknown keys are an error with a "did you mean".
 """
 
 from __future__ import annotations
@@ -13,98 +17,276 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from loraplace.core.errors import UserError, did_you_mean
 from loraplace.plan.strategies import SEED_COMPARISON
 
+GROUPS = ("data", "lora", "training", "fast paths", "execution", "report")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """One speed switch: the plain pipeline's value, what the switch does, and what it changes
+    in the numbers beyond float32 summation order ("" for nothing)."""
+
+    plain: object
+    does: str
+    changes: str = ""
+    needs: tuple[str, ...] = ()  # switches that must be on (not plain) for this one to act
+    per_study: bool = False  # how a study runs its runs; a run's result does not depend on it
+    key: str = ""  # filled from the field's name
+
+
+def setting(
+    default=dataclasses.MISSING, group: str = "", doc: str = "", *, check: str = "",
+    run: bool = True, fast: FastPath | None = None, factory=None,
+):  # fmt: skip
+    """A config key: its default, its group, one line of docs, its check (`CHECKS`), whether
+    it changes what a run computes (`run`), and its fast-path entry if it is one."""
+    assert group in GROUPS, group
+    meta = {"group": group, "doc": doc, "check": check, "run": run and not (fast and fast.per_study),
+            "fast": fast}  # fmt: skip
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class StudyConfig:
     """Everything a study needs. Defaults are the seed document's setup."""
 
-    model: str = "microsoft/DialoGPT-medium"
-    data: str = "tatsu-lab/alpaca"
-    train_split: str = "train[:100]"
-    eval_split: str = "train[100:120]"
-    strategies: list[str] = field(default_factory=lambda: list(SEED_COMPARISON))
-    layer_study: str | None = None  # roles for depth strategies, e.g. "attn,mlp"
-    seeds: list[int] = field(default_factory=lambda: [42])
-    # LoRA
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.1
-    bias: str = "none"
-    equal_budget: str | None = None  # reference strategy: solve the others' ranks to its size
-    # training
-    epochs: float = 3.0
-    batch_size: int = 1
-    grad_accum: int = 4
-    lr: float = 2e-4
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    optimizer: str = "adamw_torch"
-    max_length: int = 256
-    loss_on: str = "all"  # all | response
-    # how it runs: the fast paths, each described in FAST_PATHS below
-    pad_to: str = "longest"  # longest | max_length (the seed's fixed padding)
-    fuse_accumulation: bool = True
-    packing: bool = True
-    pack_tokens: int | None = None  # tokens per packed forward; None: 1.5 x max_length
-    segment_attention: bool = True
-    fused_lora: bool = True
-    fused_head_loss: bool = True
-    fused_mlp: bool = True
-    release_memory: bool = True
-    onednn: bool | None = None  # None: auto
-    onednn_head: bool | None = None  # None: auto, following `onednn`
-    reuse_base_eval: bool = True
-    reuse_process: bool = True
-    product_dtype: str = "auto"  # auto | float32 | bfloat16
-    # mid-run checkpoints (checkpoints.py): every N optimizer steps and/or every M minutes of
-    # training, whichever comes first; None turns that form off. The default, 5 minutes, writes
-    # none in runs shorter than that (nothing to lose worth the write) and bounds what a kill
-    # costs a longer run; a checkpoint of the embedded model's `full` adapter takes well under a
-    # second (docs/faults.md)
-    checkpoint_every: int | None = None
-    checkpoint_minutes: float | None = 5.0
-    keep_checkpoints: bool = False  # keep the last one after the run finishes
-    device: str = "auto"  # auto | cpu | cuda | mps
-    # numbers on the device: auto = bf16 on a GPU that has it (fp16 with loss scaling where it
-    # does not), float32 on CPU; the base in that dtype, adapters and optimizer in float32
-    precision: str = "auto"  # auto | float32 | bf16 | fp16
-    quantize: str = "none"  # none | 4bit (NF4, double quantization, as QLoRA) | 8bit: bitsandbytes
-    attention: str = "auto"  # auto (flash_attention_2 on CUDA where installed, else sdpa) | sdpa | eager | flash_attention_2
-    liger_kernel: bool = False  # CUDA: Liger Kernel's fused functions through the Trainer
-    # runs at once on the device, each its own process. None: on a CPU, two with half the cores
-    # each (a 3-run study on two cores: all three, sharing them) where that ends the study
-    # sooner (runner.cpu_runs_at_once), else one; auto: that on a CPU, and on a GPU as many as
-    # fit beside the first run's peak memory
-    runs_per_device: str | None = None
-    threads: int | None = None
-    eval_batch_size: int = 4
-    pack_eval: bool = True  # evaluate packed rows, no padding (checked exact; both bench paths)
-    # where runs execute (cluster.py): none of these change what a run computes
-    executor: str = "local"  # local: one after another here | ray: a Ray cluster's nodes
-    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray for this study
-    gpus_per_run: float | None = None  # None: 1 where the cluster has GPUs, else 0; 0.25: 4 a GPU
-    cpus_per_run: float = 1.0  # Ray's CPUs for a run; also its threads unless `threads` is set
-    max_retries: int = 2  # a run whose process or node died is tried again this many times
-    # reporting
-    reference: str = "full"
-    compare: str = "all"  # all pairs, or "reference"
-    # the report's power plan: the smallest relative difference of interest (0.01: 1 %)
-    smallest_effect: float = 0.01
-    generations: int = 3
-    # the evaluation curve's points at every epoch end (the seed's curves); off: the final
-    # evaluation only, which saves a run (epochs - 1) evaluations
-    eval_every_epoch: bool = True
-    max_new_tokens: int = 48
-    report_to: list[str] = field(default_factory=list)  # wandb, tensorboard
-    wandb_project: str = "loraplace"
-    trust_remote_code: bool = False
+    # --- data ---
+    model: str = setting(
+        "microsoft/DialoGPT-medium",
+        "data",
+        "hub id, a folder with config.json, a .gguf file, or embedded",
+    )
+    data: str = setting(
+        "tatsu-lab/alpaca", "data", "embedded, a JSON/JSONL file, or a Hugging Face datasets id"
+    )
+    train_split: str = setting("train[:100]", "data", "training rows, e.g. train[:100]")
+    eval_split: str = setting("train[100:120]", "data", "evaluation rows")
+    max_length: int = setting(256, "data", "tokens per example", check="positive")
+    loss_on: Literal["all", "response"] = setting(
+        "all", "data", "the loss over every token after the first, or the response's only"
+    )
+    trust_remote_code: bool = setting(False, "data", "let a hub model run its own code")
+    # --- lora ---
+    strategies: list[str] = setting(
+        group="lora",
+        doc="placements: built-in names or NAME=ROLE[,ROLE...][@LAYERS]",
+        factory=lambda: list(SEED_COMPARISON),
+        run=False,
+    )
+    layer_study: str | None = setting(
+        None, "lora", "roles for a depth sweep, e.g. attn,mlp", run=False
+    )
+    rank: int = setting(16, "lora", "LoRA rank", check="positive")
+    alpha: float = setting(32.0, "lora", "LoRA alpha")
+    dropout: float = setting(0.1, "lora", "LoRA dropout", check="fraction")
+    bias: Literal["none", "lora_only"] = setting("none", "lora", "LoRA bias")
+    equal_budget: str | None = setting(
+        None, "lora", "solve the other strategies' ranks to this one's size", run=False
+    )
+    # --- training ---
+    seeds: list[int] = setting(
+        group="training", doc="every strategy runs with every seed", factory=lambda: [42], run=False
+    )
+    epochs: float = setting(3.0, "training", "epochs", check="positive")
+    batch_size: int = setting(1, "training", "examples per micro-batch", check="positive")
+    grad_accum: int = setting(4, "training", "micro-batches per optimizer step", check="positive")
+    lr: float = setting(2e-4, "training", "learning rate", check="positive")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = setting(
+        "cosine", "training", "learning-rate schedule"
+    )
+    warmup_ratio: float = setting(
+        0.1, "training", "warmup, as a share of all steps", check="fraction"
+    )
+    weight_decay: float = setting(0.01, "training", "AdamW's weight decay")
+    optimizer: str = setting("adamw_torch", "training", "the Trainer's optimizer")
+    eval_batch_size: int = setting(4, "training", "examples per evaluation batch", check="positive")
+    eval_every_epoch: bool = setting(
+        True, "training", "evaluate at every epoch end (the curve); off: the final one only"
+    )
+    # mid-run checkpoints: every N optimizer steps and/or every M minutes of training,
+    # whichever comes first; a checkpoint of the embedded model's `full` adapter takes well
+    # under a second (docs/faults.md)
+    checkpoint_every: int | None = setting(
+        None, "training", "checkpoint every N steps", check="positive_or_none", run=False
+    )
+    checkpoint_minutes: float | None = setting(
+        5.0,
+        "training",
+        "checkpoint every M minutes of training",
+        check="positive_or_none",
+        run=False,
+    )
+    keep_checkpoints: bool = setting(
+        False, "training", "keep the last checkpoint after the run", run=False
+    )
+    # --- fast paths (each described by its FastPath) ---
+    pad_to: Literal["longest", "max_length"] = setting(
+        "longest",
+        "fast paths",
+        fast=FastPath("max_length", "pad each batch to its longest example, not max_length"),
+    )
+    fuse_accumulation: bool = setting(
+        True, "fast paths", fast=FastPath(False, "the grad_accum micro-batches as one batch")
+    )
+    packing: bool = setting(
+        True,
+        "fast paths",
+        fast=FastPath(
+            False,
+            "that batch as packed rows without padding (checked exact first)",
+            needs=("pad_to", "fuse_accumulation"),
+        ),
+    )
+    pack_tokens: int | None = setting(
+        None,
+        "fast paths",
+        "tokens a packed chunk; unset: 1.5 x max_length on a CPU, the whole step on a GPU",
+        check="positive_or_none",
+    )
+    segment_attention: bool = setting(
+        True,
+        "fast paths",
+        fast=FastPath(
+            False, "attention per example in a packed row, not T x T masked", needs=("packing",)
+        ),
+    )
+    fused_lora: bool = setting(
+        True,
+        "fast paths",
+        fast=FastPath(
+            False,
+            "one autograd function per adapted layer (fast/kernels.py)",
+            changes="dropout masks drawn by its own generator, p rounded to 1/65536",
+        ),
+    )
+    fused_head_loss: bool = setting(
+        True,
+        "fast paths",
+        fast=FastPath(False, "output head and cross-entropy in token blocks", needs=("packing",)),
+    )
+    fused_mlp: bool = setting(
+        True,
+        "fast paths",
+        fast=FastPath(False, "SwiGLU's silu(gate) * up as one function, less kept"),
+    )
+    release_memory: bool = setting(
+        True, "fast paths", fast=FastPath(False, "freed buffers of 1 MB or more go back to the OS")
+    )
+    onednn: bool | None = setting(
+        None,
+        "fast paths",
+        check="auto_or_bool",
+        fast=FastPath(False, "frozen float32 products via oneDNN where measured faster"),
+    )
+    onednn_head: bool | None = setting(
+        None,
+        "fast paths",
+        check="auto_or_bool",
+        fast=FastPath(False, "the output head's products likewise"),
+    )
+    product_dtype: Literal["auto", "float32", "bfloat16"] = setting(
+        "auto",
+        "fast paths",
+        fast=FastPath(
+            "float32",
+            "frozen training products in bfloat16 where the CPU has it",
+            changes="rounding of training's frozen products (bfloat16, float32 accumulation)",
+            needs=("onednn",),
+        ),
+    )
+    precision: Literal["auto", "float32", "bf16", "fp16"] = setting(
+        "auto",
+        "fast paths",
+        fast=FastPath(
+            "float32",
+            "the base in bf16 (fp16 where a GPU lacks it) on a GPU",
+            changes="rounding: products in bf16 or fp16 (auto: on GPUs only)",
+        ),
+    )
+    runs_per_device: str | None = setting(
+        None,
+        "fast paths",
+        check="runs_per_device",
+        fast=FastPath("1", "several runs at once on one device", per_study=True),
+    )
+    reuse_base_eval: bool = setting(
+        True,
+        "fast paths",
+        fast=FastPath(False, "the untrained model evaluated once per study", per_study=True),
+    )
+    reuse_process: bool = setting(
+        True,
+        "fast paths",
+        fast=FastPath(
+            False, "runs forked from one server that imported the stack once", per_study=True
+        ),
+    )
+    pack_eval: bool = setting(
+        True, "fast paths", "evaluate packed rows, no padding (checked exact; both bench paths)"
+    )
+    # --- execution ---
+    device: Literal["auto", "cpu", "cuda", "mps"] = setting("auto", "execution", "where runs train")
+    quantize: Literal["none", "4bit", "8bit"] = setting(
+        "none", "execution", "a bitsandbytes base: NF4 with double quantization, or LLM.int8"
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = setting(
+        "auto",
+        "execution",
+        "attention kernel; auto: FlashAttention-2 on CUDA in 16 bits where it imports, else SDPA",
+    )
+    liger_kernel: bool = setting(False, "execution", "CUDA: Liger Kernel's fused functions")
+    threads: int | None = setting(
+        None, "execution", "torch threads a run; unset: the study's", check="positive_or_none"
+    )
+    executor: Literal["local", "ray"] = setting(
+        "local", "execution", "runs here, or on Ray", run=False
+    )
+    ray_address: str | None = setting(
+        None, "execution", "unset: $RAY_ADDRESS, else a local Ray", run=False
+    )
+    gpus_per_run: float | None = setting(
+        None,
+        "execution",
+        "Ray: a GPU a run where the cluster has GPUs; 0.25: four a GPU",
+        check="gpus",
+        run=False,
+    )
+    cpus_per_run: float = setting(
+        1.0, "execution", "Ray's CPUs a run (its threads unless set)", check="positive", run=False
+    )
+    max_retries: int = setting(
+        2,
+        "execution",
+        "Ray: tries again for a run whose process died",
+        check="non_negative",
+        run=False,
+    )
+    # --- report ---
+    reference: str = setting("full", "report", "the strategy others are compared with", run=False)
+    compare: Literal["all", "reference"] = setting(
+        "all", "report", "all pairs, or each against the reference", run=False
+    )
+    generations: int = setting(3, "report", "evaluation prompts the report shows generated")
+    max_new_tokens: int = setting(48, "report", "tokens a generation")
+    report_to: list[Literal["wandb", "tensorboard"]] = setting(
+        group="report", doc="loggers: wandb, tensorboard", factory=list, run=False
+    )
+    wandb_project: str = setting("loraplace", "report", "W&B project", run=False)
+    smallest_effect: float = setting(
+        0.01,
+        "report",
+        "the power plan's smallest difference of interest (0.01: 1 %)",
+        check="effect",
+        run=False,
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,58 +307,32 @@ class StudyConfig:
         return dataclasses.replace(self, **{p.key: p.plain for p in FAST_PATHS})
 
 
-@dataclass(frozen=True)
-class FastPath:
-    """One speed switch: the plain pipeline's value, what the switch does, and what it changes
-    in the numbers beyond float32 summation order ("" for nothing)."""
-
-    key: str
-    plain: object
-    does: str
-    changes: str = ""
-    needs: tuple[str, ...] = ()  # switches that must be on (not plain) for this one to act
-    per_study: bool = False  # how a study runs its runs; a run's result does not depend on it
-
-
-# The one list of fast paths: the benchmark's plain pipeline, run reuse, the report and the
-# README's table read it (tests/test_config.py checks the README against it).
-FAST_PATHS = (
-    FastPath("pad_to", "max_length", "pad each batch to its longest example, not max_length"),
-    FastPath("fuse_accumulation", False, "the grad_accum micro-batches as one batch"),
-    FastPath(
-        "packing", False, "that batch as packed rows without padding (checked exact first)",
-        needs=("pad_to", "fuse_accumulation"),
-    ),
-    FastPath(
-        "segment_attention", False, "attention per example in a packed row, not T x T masked",
-        needs=("packing",),
-    ),
-    FastPath(
-        "fused_lora", False, "one autograd function per adapted layer (fast/kernels.py)",
-        changes="dropout masks drawn by its own generator, p rounded to 1/65536",
-    ),
-    FastPath(
-        "fused_head_loss", False, "output head and cross-entropy in token blocks",
-        needs=("packing",),
-    ),
-    FastPath("fused_mlp", False, "SwiGLU's silu(gate) * up as one function, less kept"),
-    FastPath("release_memory", False, "freed buffers of 1 MB or more go back to the OS"),
-    FastPath("onednn", False, "frozen float32 products via oneDNN where measured faster"),
-    FastPath("onednn_head", False, "the output head's products likewise"),
-    FastPath(
-        "product_dtype", "float32", "frozen training products in bfloat16 where the CPU has it",
-        changes="rounding of training's frozen products (bfloat16, float32 accumulation)",
-        needs=("onednn",),
-    ),
-    FastPath(
-        "precision", "float32", "the base in bf16 (fp16 where a GPU lacks it) on a GPU",
-        changes="rounding: products in bf16 or fp16 (auto: on GPUs only)",
-    ),
-    FastPath("runs_per_device", "1", "several runs at once on one device", per_study=True),
-    FastPath("reuse_base_eval", False, "the untrained model evaluated once per study", per_study=True),
-    FastPath("reuse_process", False, "runs forked from one server that imported the stack once", per_study=True),
-)  # fmt: skip
+FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
+HINTS = typing.get_type_hints(StudyConfig, include_extras=True)
+# The one list of fast paths, in declaration order: the benchmark's plain pipeline, run reuse,
+# the report and the README's table read it (tests/test_config.py checks the README).
+FAST_PATHS = tuple(
+    dataclasses.replace(f.metadata["fast"], key=f.name)
+    for f in FIELDS.values()
+    if f.metadata.get("fast")
+)
 FAST = {p.key: p for p in FAST_PATHS}
+# Keys that do not change what a run computes: which runs a study has, where they execute,
+# how the report compares them, when a run may stop and resume.
+NOT_RUN_KEYS = tuple(name for name, f in FIELDS.items() if not f.metadata["run"])
+
+
+def _literal(hint) -> tuple | None:
+    """The choices of a Literal hint (inside an Optional or a list too), else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    for arg in typing.get_args(hint):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return None
+
+
+CHOICES = {name: c for name, hint in HINTS.items() if (c := _literal(hint))}
 
 
 def idle_fast_paths(cfg: StudyConfig) -> list[str]:
@@ -191,58 +347,53 @@ def idle_fast_paths(cfg: StudyConfig) -> list[str]:
     return lines
 
 
-# Keys that do not change what a run computes: which runs a study has, where they execute,
-# how the report compares them, when a run may stop and resume.
-NOT_RUN_KEYS = (
-    "strategies", "layer_study", "seeds", "reference", "compare", "report_to", "wandb_project",
-    "equal_budget", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "smallest_effect",
-    "executor", "ray_address", "gpus_per_run", "cpus_per_run", "max_retries",
-    *(p.key for p in FAST_PATHS if p.per_study),
-)  # fmt: skip
-
-
 def run_settings(config: dict) -> dict:
     """What changes a run's result; keys an older result lacks take today's defaults."""
     full = {**StudyConfig().to_dict(), **config}
     return {k: v for k, v in full.items() if k not in NOT_RUN_KEYS}
 
 
-CHOICES = {
-    "bias": ("none", "lora_only"),
-    "loss_on": ("all", "response"),
-    "pad_to": ("longest", "max_length"),
-    "device": ("auto", "cpu", "cuda", "mps"),
-    "product_dtype": ("auto", "float32", "bfloat16"),
-    "precision": ("auto", "float32", "bf16", "fp16"),
-    "quantize": ("none", "4bit", "8bit"),
-    "attention": ("auto", "sdpa", "eager", "flash_attention_2"),
-    "compare": ("all", "reference"),
-    "executor": ("local", "ray"),
-    "scheduler": ("cosine", "linear", "constant", "constant_with_warmup"),
-}
-POSITIVE = ("rank", "epochs", "batch_size", "grad_accum", "lr", "max_length", "eval_batch_size")
-POSITIVE_OR_NONE = ("pack_tokens", "threads", "checkpoint_every")
-AUTO_OR_BOOL = ("onednn", "onednn_head")  # "auto" is stored as None
-FIELDS = {f.name: f for f in dataclasses.fields(StudyConfig)}
+def reference_table() -> str:
+    """The keys by group, as docs/reference.md shows them (a test keeps the two equal)."""
+    lines = ["| group | key | default | choices | what it is |", "|---|---|---|---|---|"]
+    for group in GROUPS:
+        for name, f in FIELDS.items():
+            if f.metadata["group"] != group:
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            fast = f.metadata["fast"]
+            doc = f.metadata["doc"] or (fast.does if fast else "")
+            choices = ", ".join(CHOICES[name]) if name in CHOICES else ""
+            shown = "auto" if f.metadata["check"] == "auto_or_bool" and default is None else default
+            lines.append(f"| {group} | `{name}` | `{shown}` | {choices} | {doc} |")
+    return "\n".join(lines)
+
+
+# --- reading and checking values -----------------------------------------------------------
 
 
 def _coerce(key: str, value):
     """Check `value` against the field's type; YAML already parsed numbers and lists."""
-    hint = typing.get_type_hints(StudyConfig)[key]
+    hint = HINTS[key]
     args = typing.get_args(hint)
     optional = isinstance(hint, types.UnionType) and type(None) in args
-    if value is None and optional or (key in AUTO_OR_BOOL and value == "auto"):
+    auto = FIELDS[key].metadata["check"] == "auto_or_bool"
+    if value is None and optional or (auto and value == "auto"):
         return None
     base = next((a for a in args if a is not type(None)), hint) if optional else hint
-    origin = typing.get_origin(base)
-    if origin is list:
+    if typing.get_origin(base) is list:
         items = value if isinstance(value, list) else [value]
         (item_type,) = typing.get_args(base)
         return [_scalar(key, v, item_type) for v in items]
     return _scalar(key, value, base)
 
 
-def _scalar(key: str, value, kind: type):
+def _scalar(key: str, value, kind):
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value in choices:
+            return value
+        raise UserError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
     if kind is bool and isinstance(value, bool):
         return value
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
@@ -259,58 +410,43 @@ def _scalar(key: str, value, kind: type):
     raise UserError(f"config key {key!r} must be {kind.__name__}, got {value!r}")
 
 
+def _runs_per_device(value) -> bool:
+    return value in (None, "auto") or (str(value).isdigit() and int(value) >= 1)
+
+
+def _gpus(value) -> bool:
+    return value is None or (value >= 0 and (value <= 1 or value == int(value)))
+
+
+# A check's name -> (whether a value passes, what the sentence says it must be)
+CHECKS = {
+    "positive": (lambda v: v > 0, "positive"),
+    "positive_or_none": (lambda v: v is None or v > 0, "positive or null"),
+    "non_negative": (lambda v: v >= 0, "0 or more"),
+    "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "effect": (lambda v: 0 < v <= 1, "a fraction above 0 and at most 1 (0.01 is a 1 % difference)"),
+    "auto_or_bool": (lambda v: True, "auto, true or false"),
+    "runs_per_device": (_runs_per_device, "a positive whole number or auto"),
+    "gpus": (_gpus, "a fraction of one GPU or a whole number"),
+}
+
+
 def _check_key(key: str) -> None:
     if key not in FIELDS:
         raise UserError(f"unknown config key {key!r}{did_you_mean(key, FIELDS)}")
 
 
 def _validate(cfg: StudyConfig) -> None:
-    for key, choices in CHOICES.items():
-        if getattr(cfg, key) not in choices:
+    for key, f in FIELDS.items():
+        check = f.metadata["check"]
+        if check and not CHECKS[check][0](getattr(cfg, key)):
             raise UserError(
-                f"config key {key!r} must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}"
+                f"config key {key!r} must be {CHECKS[check][1]}, got {getattr(cfg, key)!r}"
             )
-    for key in POSITIVE:
-        if not getattr(cfg, key) > 0:
-            raise UserError(f"config key {key!r} must be positive, got {getattr(cfg, key)!r}")
-    for key in POSITIVE_OR_NONE:
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise UserError(
-                f"config key {key!r} must be positive or null, got {getattr(cfg, key)!r}"
-            )
-    if cfg.checkpoint_minutes is not None and not cfg.checkpoint_minutes > 0:
-        raise UserError(
-            f"config key 'checkpoint_minutes' must be positive or null, got {cfg.checkpoint_minutes!r}"
-        )
-    if not cfg.cpus_per_run > 0:
-        raise UserError(f"config key 'cpus_per_run' must be positive, got {cfg.cpus_per_run!r}")
-    if cfg.max_retries < 0:
-        raise UserError(f"config key 'max_retries' must be 0 or more, got {cfg.max_retries!r}")
-    gpus = cfg.gpus_per_run
-    if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
-        raise UserError(
-            f"config key 'gpus_per_run' must be a fraction of one GPU or a whole number, got {gpus!r}"
-        )
-    if not 0 < cfg.smallest_effect <= 1:
-        raise UserError(
-            "config key 'smallest_effect' must be a fraction above 0 and at most 1 (0.01 is a "
-            f"1 % difference), got {cfg.smallest_effect!r}"
-        )
-    if not 0 <= cfg.dropout < 1 or not 0 <= cfg.warmup_ratio < 1:
-        raise UserError("dropout and warmup_ratio must be in [0, 1)")
-    if cfg.runs_per_device not in (None, "auto") and not (
-        str(cfg.runs_per_device).isdigit() and int(cfg.runs_per_device) >= 1
-    ):
-        raise UserError(
-            f"config key 'runs_per_device' must be a positive whole number or auto, got {cfg.runs_per_device!r}"
-        )
     if not cfg.seeds:
         raise UserError("at least one seed is needed")
     if not cfg.strategies and not cfg.layer_study:
         raise UserError("at least one strategy is needed")
-    unknown = set(cfg.report_to) - {"wandb", "tensorboard"}
-    if unknown:
-        raise UserError(f"report_to takes wandb and tensorboard, not {', '.join(sorted(unknown))}")
 
 
 def parse_set(item: str) -> tuple[str, object]:
