@@ -59,7 +59,7 @@ def grad_spectrum(grad: torch.Tensor) -> tuple[float, ...]:
     g = grad.float()
     gram = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
     # float32 eigenvalues of the Gram: faster than float64, and the top ones, which the scores
-    # sum, agree to ~1e-6 of the largest (docs/performance.md, "Measurements cited from code")
+    # sum, agree to ~1e-6 of the largest (docs/measurements/2026-11-30-advise-eigenproblems.md)
     eig = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)  # squared singular values
     return _cumulative(eig)
 
@@ -210,8 +210,8 @@ def _module_scores(
     result = {}
     threads = torch.get_num_threads()
     # The spectra are many small eigenproblems: one thread runs them; on the busy 2-core
-    # development machine two ran them about 10x slower (docs/performance.md, "Measurements
-    # cited from code").
+    # development machine two ran them about 10x slower
+    # (docs/measurements/2026-11-30-advise-eigenproblems.md).
     torch.set_num_threads(1)
     for i, m in enumerate(scored):
         layer = layers[m.path]

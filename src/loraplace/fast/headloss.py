@@ -13,7 +13,7 @@ Same arithmetic as the model's loss; `head_loss_matches` checks it on the model 
 
 With `onednn` (CPU, float32) both head products, the logits and the hidden-state gradient,
 run through oneDNN, faster there than with the default BLAS and with no extra memory
-(docs/performance.md: `onednn_head`, and "Measurements cited from code" for the gradient).
+(docs/measurements/2026-11-29-fast-paths-avx512-bf16.md, `onednn_head`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = linear(hidden[start : start + ROWS][rows], weight, bias, forward_onednn, low)
             logits = logits.float()
             picked = target[rows]
-            # in place: one fused pass, faster than logsumexp, subtract and exp (docs/performance.md)
+            # in place: one fused pass, faster than logsumexp, subtract and exp (docs/measurements/2026-11-29-fast-paths-avx512-bf16.md, `fused_head_loss`)
             logp = torch.log_softmax(logits, dim=-1, out=logits)
             total -= logp.gather(1, picked[:, None]).sum()
             if grad is not None:

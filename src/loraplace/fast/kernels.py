@@ -12,24 +12,24 @@ Four independent switches:
   for p = 0.1), on CPU by numpy's SFC64 generator seeded from torch's (faster than torch's own
   generator), applied with float passes only, kept as its int16 lanes with the layer's input
   (not the masked copy), and the adapter product is added into the frozen output in place.
-  Measurements: docs/performance.md (`fused_lora`, and "Measurements cited from code").
+  Measurements: docs/measurements/2026-11-29-fast-paths-avx512-bf16.md (`fused_lora`) and docs/measurements/2026-11-28-dropout-masks.md.
 - `onednn`: every frozen linear product, forwards and backwards (input gradient only), runs
   through oneDNN instead of the default BLAS: on AMD CPUs MKL runs its AVX2 code where
-  oneDNN runs AVX-512, and the products are faster (docs/performance.md, `onednn`; per
+  oneDNN runs AVX-512, and the products are faster (docs/measurements/2026-11-29-fast-paths-avx512-bf16.md, `onednn`; per
   weight shape and direction, `table` says which library measured faster on this machine).
   CPU and float32 only; elsewhere the layers are left as they are.
 - `fused_mlp`: a SwiGLU feed-forward block (`down(silu(gate(x)) * up(x))`, Llama, Mistral,
   Qwen2, SmolLM2) computes silu(gate) * up as one function that keeps gate and up for the
   backward pass and remakes silu(gate) there: autograd's own keeps silu(gate) as well, one
-  more tokens x intermediate tensor a layer (docs/performance.md, `fused_mlp`). Same
+  more tokens x intermediate tensor a layer (docs/measurements/2026-11-29-fast-paths-avx512-bf16.md, `fused_mlp`). Same
   floating-point operations, so the same results; checked on each block before use. With
   down_proj a fused LoRA layer, the same function runs it too and remakes its input,
   silu(gate) * up, backwards instead of keeping it.
 - `bf16_products`: each frozen weight those layers and the output head multiply by gets a
   bfloat16 copy, and while gradients are taken (training) their products take bfloat16
   inputs, accumulate and return float32, through oneDNN: on CPUs that multiply bfloat16
-  natively (AVX-512 BF16, AMX) that is faster than float32 (docs/performance.md,
-  `product_dtype`). The one switch that changes rounding; evaluation (no gradients) stays
+  natively (AVX-512 BF16, AMX) that is faster than float32
+  (docs/measurements/2026-11-29-fast-paths-avx512-bf16.md, `product_dtype`). The one switch that changes rounding; evaluation (no gradients) stays
   float32.
 
 Parameters stay PEFT's own, so saving, `disable_adapter` and merging work unchanged. Layers the
@@ -54,7 +54,7 @@ from loraplace.core.modes import evaluating
 # oneDNN, and ideep (torch's layer over it), each cache a primitive per (tokens, shape), and
 # packed chunks vary in length, so at their default capacity (1024) both caches keep growing a
 # run's memory. Capped at 16, a primitive is now and then made again, at no measurable cost in
-# time (docs/performance.md, "Measurements cited from code"). Both read these once, at their
+# time (docs/measurements/2026-11-29-fast-paths-avx512-bf16.md, "oneDNN's primitive caches"). Both read these once, at their
 # first use, so they are set on import.
 ONEDNN_CACHES = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "LRU_CACHE_CAPACITY": "16"}
 
@@ -96,7 +96,7 @@ def keep_mask(lanes: torch.Tensor, p: float) -> torch.Tensor:
     """1.0 where a lane is kept (probability 1 - round(p * 65536) / 65536), else 0.0.
 
     Made with float passes only, which on CPU are several times faster than a bool comparison
-    or a bool-float multiply (docs/performance.md, "Measurements cited from code"): lanes are
+    or a bool-float multiply (docs/measurements/2026-11-28-dropout-masks.md): lanes are
     integers, so lane - (cut - 1) clamped to [0, 1] is exactly 1 for lanes >= cut and exactly
     0 below.
     """
@@ -111,7 +111,7 @@ def keep_scale(p: float) -> float:
 # Fewer rows than this go through the default BLAS even where oneDNN was chosen: a product of
 # 1-3 rows (a decoding step) took 2-5x as long through oneDNN as through MKL for SmolLM2's
 # shapes, 149-243 us against 74-103 us for 1536 x 576, at 8 rows both about 230 us, from 16
-# rows oneDNN was faster (docs/performance.md, "Measurements cited from code").
+# rows oneDNN was faster (docs/measurements/2026-12-01-evaluation-and-generations-xeon.md).
 ONEDNN_MIN_ROWS = 8
 
 
@@ -205,7 +205,7 @@ class LoraLinear(torch.autograd.Function):
     product. The backward pass keeps x itself and the int16 lanes, not the masked float copy,
     and remakes the mask: layers that read the same input (q, k, v; gate, up) then keep one
     tensor between them. The lanes are kept rather than drawn again backwards from a seed,
-    which would keep less memory but make training slower (docs/performance.md, `fused_lora`).
+    which would keep less memory but make training slower (docs/measurements/2026-11-29-fast-paths-avx512-bf16.md, `fused_lora`).
     """
 
     @staticmethod

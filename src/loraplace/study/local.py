@@ -67,7 +67,7 @@ class Schedule:
 
 # How many times longer a CPU run with half the cores takes, beside another such run, than a
 # run with all of them: 1.50-1.55 natively on an AVX-512 Xeon, 1.67-1.72 there with AVX2
-# emulated (embedded model, 1-epoch runs, 2 cores; docs/performance.md, `runs_per_device`).
+# emulated (embedded model, 1-epoch runs, 2 cores; docs/measurements/2026-12-01-runs-at-once-xeon.md).
 # The larger is used. Under 2, two runs at once end a study of several runs sooner.
 THREADS_GAIN = 1.7
 

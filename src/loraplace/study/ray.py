@@ -218,7 +218,7 @@ def train_on_node(spec: RunSpec, study: str, threads: int, data: dict | None = N
         local.write()
         env = run_env(cfg, root, f"{name}-seed-{seed}")
         env["WANDB_RUN_GROUP"] = os.environ.get("WANDB_RUN_GROUP", study)
-        env["OMP_NUM_THREADS"] = str(threads)  # train.py sets torch's threads where `threads` is
+        env["OMP_NUM_THREADS"] = str(threads)  # the run sets torch's threads from the spec
         import ray
 
         if not ray.get_gpu_ids():  # a run given no GPU sees none

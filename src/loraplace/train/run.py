@@ -60,7 +60,7 @@ def release_freed_memory() -> bool:
     By default glibc raises that threshold to the largest block freed so far, so the activation
     buffers of later chunks come from a heap that only grows; fixed, a run's peak memory is
     lower at no cost in time. The heap is not also trimmed after each step: the freed pages
-    would fault back in at every step (docs/performance.md, `release_memory`).
+    would fault back in at every step (docs/measurements/2026-11-29-fast-paths-avx512-bf16.md, `release_memory`).
     False (nothing done) where the C library has no `mallopt`.
     """
     import ctypes

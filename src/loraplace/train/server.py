@@ -29,7 +29,7 @@ def serve(commands, replies) -> None:
     Each line of `commands` is {"spec": path, "env": environment, "cwd": folder}; its run
     gets that environment and folder, a fresh seed (in `train_run`) and its own peak-memory
     count, and its exit status goes back as one line {"code": status}. This process imports
-    Python's ML stack once (seconds per run; docs/performance.md) and never computes anything, so every child
+    Python's ML stack once (seconds per run; docs/measurements/2026-11-29-fast-paths-avx512-bf16.md, `reuse_process`) and never computes anything, so every child
     starts as a fresh process would after its imports: nothing a run allocates or leaves
     behind reaches the next one, and OpenMP's threads are first started in the child. A run's
     peak memory adds what only this process holds while the run is alive (`peak_memory_mb`).
