@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from loraplace.core.errors import UserError
 from loraplace.plan.adapters import adapted_paths, attach
 from loraplace.plan.models import base_params
-from loraplace.plan.placement import place
+from loraplace.plan.placement import lora_config, place
 from loraplace.plan.roles import classify, num_layers
 from loraplace.plan.strategies import BUILTINS, parse_strategy, select_layers
 
@@ -201,3 +201,28 @@ def test_selection_matching_nothing_says_what_the_model_has():
     _, modules = meta_modules("gpt2")
     with pytest.raises(UserError, match="attn.qkv, attn.out, mlp.up, mlp.down in 4 layers"):
         place(modules, parse_strategy("q=attn.q"), rank=4)
+
+
+def test_where_ranks_differ_alpha_grows_with_rank_unless_asked_otherwise():
+    model = tiny_model("llama")
+    strategy = parse_strategy("mixed=attn.q:4,attn.v:16")
+    placement = place(classify(model), strategy, rank=8)
+
+    def scales(scaling):
+        peft_model = attach(tiny_model("llama"), placement, alpha=16, dropout=0.0, scaling=scaling,
+                            rank=8)  # fmt: skip
+        found = {}
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict) and module.scaling:
+                found[name.rsplit(".", 1)[-1]] = module.scaling["default"]
+        return found
+
+    # the config's alpha / rank = 2 for every module, whatever its rank
+    assert set(scales("rank").values()) == {2.0}
+    assert set(scales("constant").values()) == {16 / 4, 16 / 16}  # PEFT's default
+    assert set(scales("rslora").values()) == {16 / 4**0.5, 16 / 16**0.5}
+    uniform = place(classify(model), BUILTINS["attention"], rank=8)
+    assert (
+        lora_config(uniform, 16, 0.0, scaling="rank", rank=8).to_dict()
+        == lora_config(uniform, 16, 0.0, scaling="constant", rank=8).to_dict()
+    )  # one rank: the rules agree

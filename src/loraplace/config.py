@@ -88,6 +88,12 @@ class StudyConfig:
     alpha: float = setting(32.0, "lora", "LoRA alpha")
     dropout: float = setting(0.1, "lora", "LoRA dropout", check="fraction")
     bias: Literal["none", "lora_only"] = setting("none", "lora", "LoRA bias")
+    alpha_scaling: Literal["rank", "constant", "rslora"] = setting(
+        "rank",
+        "lora",
+        "where ranks differ: alpha grows with rank (alpha/r as at `rank`), the "
+        "same alpha, or alpha/sqrt(r) (rsLoRA)",
+    )
     equal_budget: str | None = setting(
         None, "lora", "solve the other strategies' ranks to this one's size", run=False
     )
@@ -347,9 +353,14 @@ def idle_fast_paths(cfg: StudyConfig) -> list[str]:
     return lines
 
 
+# Keys whose absence from an older result means it ran as this value did, not today's default
+BEFORE = {"alpha_scaling": "constant"}
+
+
 def run_settings(config: dict) -> dict:
-    """What changes a run's result; keys an older result lacks take today's defaults."""
-    full = {**StudyConfig().to_dict(), **config}
+    """What changes a run's result; keys an older result lacks take today's defaults, or what
+    they were before the key existed (`BEFORE`)."""
+    full = {**StudyConfig().to_dict(), **BEFORE, **config}
     return {k: v for k, v in full.items() if k not in NOT_RUN_KEYS}
 
 

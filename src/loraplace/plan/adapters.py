@@ -35,10 +35,13 @@ def attach(
     alpha: float,
     dropout: float,
     bias: str = "none",
+    scaling: str = "rank",
+    rank: int | None = None,
 ) -> torch.nn.Module:
-    """Wrap `model` with PEFT LoRA on the placement's modules at their ranks; raise if PEFT
-    did otherwise."""
-    peft_model = get_peft_model(model, lora_config(placement, alpha, dropout, bias))
+    """Wrap `model` with PEFT LoRA on the placement's modules at their ranks (alpha scaled
+    with them: `placement.lora_config`); raise if PEFT did otherwise."""
+    config = lora_config(placement, alpha, dropout, bias, scaling, rank)
+    peft_model = get_peft_model(model, config)
     got, want = adapted_paths(peft_model), set(placement.paths)
     if got != want:
         raise RuntimeError(

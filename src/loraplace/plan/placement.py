@@ -147,18 +147,39 @@ def place(
 
 
 def lora_config(
-    placement: Placement | AdapterPlan, alpha: float, dropout: float, bias: str = "none"
+    placement: Placement | AdapterPlan,
+    alpha: float,
+    dropout: float,
+    bias: str = "none",
+    scaling: str = "rank",
+    rank: int | None = None,
 ) -> LoraConfig:
-    """The PEFT config for a placement: explicit full module names, never suffixes."""
+    """The PEFT config for a placement: explicit full module names, never suffixes.
+
+    `scaling`: how a module's LoRA update is scaled where ranks differ (equal-budget and
+    per-role ranks). "rank": alpha grows with the rank, so alpha / r, the update's scale, is
+    the config's alpha / `rank` for every module (PEFT's `alpha_pattern`); "constant": the same
+    alpha everywhere, so higher-rank modules get smaller updates (PEFT's default); "rslora":
+    alpha / sqrt(r) (rsLoRA). Where every module has `rank`, all three but rslora agree."""
     ranks = list(placement.ranks.values())
     default = max(set(ranks), key=ranks.count)
     pattern = {re.escape(p): r for p, r in placement.ranks.items() if r != default}
+    alphas = alpha_by_rank(set(ranks), alpha, scaling, rank or default)
     return LoraConfig(
         r=default,
-        lora_alpha=alpha,
+        lora_alpha=alphas[default],
         lora_dropout=dropout,
         bias=bias,
         target_modules=placement.paths,
         rank_pattern=pattern,
+        alpha_pattern={p: alphas[r] for p, r in pattern.items()},
+        use_rslora=scaling == "rslora",
         task_type="CAUSAL_LM",
     )
+
+
+def alpha_by_rank(ranks: set[int], alpha: float, scaling: str, rank: int) -> dict[int, float]:
+    """Each rank's LoRA alpha under `scaling` (see `lora_config`), `rank` the config's."""
+    if scaling == "rank":
+        return {r: alpha * r / rank for r in ranks}
+    return dict.fromkeys(ranks, alpha)

@@ -438,7 +438,8 @@ def _adapt(run: Run, model, products: dict, packed: bool, head: dict):
     from loraplace.plan.adapters import attach
 
     cfg, notes, cpu = run.cfg, run.notes, run.paths.cpu_kernels
-    model = attach(model, run.spec.plan, cfg.alpha, cfg.dropout, cfg.bias)
+    model = attach(model, run.spec.plan, cfg.alpha, cfg.dropout, cfg.bias, cfg.alpha_scaling,
+                   cfg.rank)  # fmt: skip
     bf16 = run.paths.product_dtype == "bfloat16"
     taken = accelerate(model, cfg.fused_lora and cpu, run.paths.onednn, cfg.fused_mlp and cpu,
                        bf16, products.get("decoder"))  # fmt: skip
