@@ -48,6 +48,8 @@ class StudyConfig:
     optimizer: str = "adamw_torch"
     max_length: int = 256
     loss_on: str = "all"  # all | response
+    data_format: str = "auto"  # auto (from the records' fields) | alpaca | messages | prompt_completion | text
+    chat_template: str = "auto"  # auto (the model's own) | a Jinja file that replaces it
     # how it runs: the fast paths, each described in FAST_PATHS below
     pad_to: str = "longest"  # longest | max_length (the seed's fixed padding)
     fuse_accumulation: bool = True
@@ -208,6 +210,7 @@ def run_settings(config: dict) -> dict:
 CHOICES = {
     "bias": ("none", "lora_only"),
     "loss_on": ("all", "response"),
+    "data_format": ("auto", "alpaca", "messages", "prompt_completion", "text"),
     "pad_to": ("longest", "max_length"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "product_dtype": ("auto", "float32", "bfloat16"),
