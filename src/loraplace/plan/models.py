@@ -158,6 +158,14 @@ def load_config(source: ModelSource):
     return _hub_call(source, AutoConfig.from_pretrained, path, **kwargs)
 
 
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer alone (no weights): what data preparation checks records with."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = _pretrained_args(source)
+    return _hub_call(source, AutoTokenizer.from_pretrained, path, **kwargs)
+
+
 def meta_model(source: ModelSource) -> torch.nn.Module:
     """The architecture on the meta device: parameter shapes, no memory, no weights."""
     from transformers import AutoModelForCausalLM
