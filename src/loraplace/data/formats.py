@@ -50,17 +50,19 @@ def _has(record, key: str) -> bool:
     return isinstance(record, dict) and record.get(key) is not None
 
 
+def fits(record, fmt: str) -> bool:
+    """Whether the record has the fields of `fmt`."""
+    if fmt == "messages":
+        return _has(record, "messages") or _has(record, "conversations")
+    needs = {"prompt_completion": ("prompt", "completion"), "alpaca": ("instruction", "output")}
+    return all(_has(record, k) for k in needs.get(fmt, (fmt,)))
+
+
 def detect(record) -> str | None:
-    """The format a record's fields say it is in; None for none."""
-    if _has(record, "messages") or _has(record, "conversations"):
-        return "messages"
-    if _has(record, "prompt") and _has(record, "completion"):
-        return "prompt_completion"
-    if _has(record, "instruction") and _has(record, "output"):
-        return "alpaca"
-    if _has(record, "text"):
-        return "text"
-    return None
+    """The format a record's fields say it is in (the first that fits); None for none."""
+    return next(
+        (f for f in ("messages", "prompt_completion", "alpaca", "text") if fits(record, f)), None
+    )
 
 
 def kind(row: dict) -> str:
@@ -87,22 +89,20 @@ def normalize(records: list, source: str, data_format: str = "auto") -> tuple[li
 
 def _convert(record, fmt: str, auto: bool) -> dict:
     found = detect(record)
-    if found is None or (found != fmt and not (fmt == "messages" and found == "alpaca")):
-        if auto and found is not None:
-            raise RecordError(
-                f"is in the {found} format but record 0 is in the {fmt} format; a data set "
-                "holds one format"
-            )
-        if fmt == "alpaca" and auto:  # the seed's words, for the seed's format
-            raise RecordError(f"lacks the fields {FIELDS['alpaca']}")
-        forced = "" if auto else " (data_format)"
-        raise RecordError(f"lacks the fields of the {fmt} format{forced}: {FIELDS[fmt]}")
-    if found == "alpaca":
-        row = _alpaca(record)
-        return _from_alpaca(row) if fmt == "messages" else row
-    return {"messages": _messages, "prompt_completion": _prompt_completion, "text": _text}[fmt](
-        record
-    )
+    if fits(record, fmt) and (found == fmt or not auto):
+        return {"alpaca": _alpaca, "messages": _messages, "text": _text,
+                "prompt_completion": _prompt_completion}[fmt](record)  # fmt: skip
+    if fmt == "messages" and found == "alpaca":  # forced: one user turn, one assistant turn
+        return _from_alpaca(_alpaca(record))
+    if auto and found is not None:
+        raise RecordError(
+            f"is in the {found} format but record 0 is in the {fmt} format; a data set holds "
+            "one format"
+        )
+    if fmt == "alpaca" and auto:  # the seed's words, for the seed's format
+        raise RecordError(f"lacks the fields {FIELDS['alpaca']}")
+    forced = "" if auto else " (data_format)"
+    raise RecordError(f"lacks the fields of the {fmt} format{forced}: {FIELDS[fmt]}")
 
 
 def _alpaca(record: dict) -> dict:
