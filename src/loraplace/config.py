@@ -48,7 +48,8 @@ class StudyConfig:
     optimizer: str = "adamw_torch"
     max_length: int = 256
     loss_on: str = "all"  # all | response
-    data_format: str = "auto"  # auto (from the records' fields) | alpaca | messages | prompt_completion | text
+    # auto (read from the records' fields) | alpaca | messages | prompt_completion | text
+    data_format: str = "auto"
     chat_template: str = "auto"  # auto (the model's own) | a Jinja file that replaces it
     # how it runs: the fast paths, each described in FAST_PATHS below
     pad_to: str = "longest"  # longest | max_length (the seed's fixed padding)
