@@ -100,6 +100,22 @@ def test_a_template_with_generation_markers_gives_the_same_labels(toks):
     assert tokenize([row], marked, 1000, "response") == tokenize([row], tok, 1000, "response")
 
 
+@pytest.mark.parametrize("template", ["chatml", "llama3", "mistral"])
+def test_a_tokenizer_without_offsets_is_tokenized_a_piece_at_a_time(toks, template, monkeypatch):
+    tok = toks[template]
+    (want,) = tokenize([{"messages": talk(template)}], tok, 1000, "response")
+    call = type(tok).__call__
+
+    def without_offsets(self, *args, **kwargs):  # as a Python (slow) tokenizer answers
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available")
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "__call__", without_offsets)
+    (got,) = tokenize([{"messages": talk(template)}], tok, 1000, "response")
+    assert learned(tok, got) == learned(tok, want)
+
+
 @pytest.mark.parametrize("template", ["chatml", "llama3"])
 def test_a_conversational_completion_is_learned_not_the_prompts_assistant_turns(toks, template):
     tok = toks[template]

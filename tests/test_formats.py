@@ -141,6 +141,7 @@ BAD = [
     ([MESSAGES, MESSAGES, PROMPT_COMPLETION], 2,
      "is in the prompt_completion format but record 0 is in the messages format; a data set holds one format"),
     ([ALPACA, TEXT], 1, "is in the text format but record 0 is in the alpaca format"),
+    ([MESSAGES, ALPACA], 1, "is in the alpaca format but record 0 is in the messages format"),
     ([TEXT, {"txt": "typo"}], 1, "lacks the fields of the text format: text"),
     ([{"prompt": "2 + 3 =", "completion": " "}], 0, "has an empty completion"),
     ([{"prompt": [USER], "completion": "5"}], 0, "not both text or both messages"),

@@ -92,7 +92,7 @@ def _convert(record, fmt: str, auto: bool) -> dict:
     if fits(record, fmt) and (found == fmt or not auto):
         return {"alpaca": _alpaca, "messages": _messages, "text": _text,
                 "prompt_completion": _prompt_completion}[fmt](record)  # fmt: skip
-    if fmt == "messages" and found == "alpaca":  # forced: one user turn, one assistant turn
+    if not auto and fmt == "messages" and found == "alpaca":  # one user turn, one assistant
         return _from_alpaca(_alpaca(record))
     if auto and found is not None:
         raise RecordError(
