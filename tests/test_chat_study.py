@@ -120,6 +120,17 @@ def test_bad_data_ends_the_study_before_anything_runs(tiny_gpt2_dir, tmp_path, c
     )
 
 
+def test_the_chat_config_is_the_offline_study_through_the_chat_template():
+    from loraplace.config import load_config
+
+    offline = load_config(str(REPO / "configs" / "offline.yaml")).to_dict()
+    chat = load_config(str(REPO / "configs" / "offline-chat.yaml")).to_dict()
+    assert {k: v for k, v in chat.items() if offline[k] != v} == {
+        "data_format": "messages",
+        "loss_on": "response",
+    }
+
+
 def test_plan_reads_the_chat_config(capsys):
     assert main(["plan", "--config", str(REPO / "configs" / "offline-chat.yaml"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["strategies"]
