@@ -198,7 +198,7 @@ def generation_prompt(row: dict, tokenizer) -> str | None:
         return prompt(row)
     if fmt == "text":
         return None
-    if isinstance(row["prompt"] if fmt == "prompt_completion" else None, str):
+    if fmt == "prompt_completion" and isinstance(row["prompt"], str):
         return row["prompt"]
     return chat.generation_prompt(row, tokenizer)
 
