@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: install demo test test-fast test-faults bench bench-gpu lint clean browser
+.PHONY: install demo demo-chat test test-fast test-faults bench bench-gpu lint clean browser
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(BIN)/loraplace study --config configs/offline.yaml --out $(OUT)
+
+# The same study through SmolLM2's chat template (the embedded rows as conversations).
+demo-chat: install
+	$(BIN)/loraplace study --config configs/offline-chat.yaml --out $(OUT)-chat
 
 # The suite, then the tests of the CPU-specific paths again as an AVX2-only CPU sees them
 # (oneDNN and MKL capped at AVX2), then with the defaults a CPU with AVX-512 BF16 gets (its

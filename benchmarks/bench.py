@@ -223,12 +223,13 @@ def run_bench(cfg: StudyConfig, out: Path, log=print) -> dict:
 
 def _train_lengths(cfg: StudyConfig) -> list[int]:
     """Tokens of every training example, for the FLOP count."""
+    from loraplace.data.chat import use_chat_template
     from loraplace.data.rows import load_rows, tokenize
-    from loraplace.plan.models import resolve_model
-    from loraplace.train.load import load_model
+    from loraplace.plan.models import load_tokenizer, resolve_model
 
-    _, tokenizer = load_model(resolve_model(cfg.model, cfg.trust_remote_code))
-    rows = load_rows(cfg.data, cfg.train_split)
+    tokenizer = load_tokenizer(resolve_model(cfg.model, cfg.trust_remote_code))
+    use_chat_template(tokenizer, cfg.chat_template)
+    rows = load_rows(cfg.data, cfg.train_split, cfg.data_format)
     return [len(e.input_ids) for e in tokenize(rows, tokenizer, cfg.max_length, cfg.loss_on)]
 
 

@@ -113,6 +113,13 @@ def test_tokenize_response_masks_the_prompt(tok, row):
 @pytest.mark.parametrize("max_length", [1, 10, 120, 200])
 def test_tokenize_truncates_to_max_length(tok, loss_on, max_length):
     full = chars(prompt(WITH_INPUT) + WITH_INPUT["output"]) + [EOS]
+    n_prompt = len(prompt(WITH_INPUT))
+    if max_length == 1 or (loss_on == "response" and max_length <= n_prompt):
+        # nothing left to learn (issue 28): refused, naming the record, not a NaN loss later
+        words = "record 0 of the data leaves no token to learn within max_length"
+        with pytest.raises(UserError, match=words):
+            tokenize([WITH_INPUT], tok, max_length=max_length, loss_on=loss_on)
+        return
     (ex,) = tokenize([WITH_INPUT], tok, max_length=max_length, loss_on=loss_on)
     assert len(full) > max_length
     assert ex.input_ids == full[:max_length]

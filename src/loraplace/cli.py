@@ -104,7 +104,9 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (configs/seed.yaml, configs/offline.yaml, ...)")
     p.add_argument("--model", help="hub id, local dir, .gguf file, or 'embedded'")
     p.add_argument(
-        "--data", help="'embedded', a JSON/JSONL file of instruction/input/output, or a datasets id"
+        "--data",
+        help="'embedded', a JSON/JSONL file, a save_to_disk folder or a datasets id: Alpaca, "
+        "messages, ShareGPT, prompt-completion or text records (--set data_format=... forces one)",
     )
     p.add_argument("--train-split", help="e.g. 'train[:100]'")
     p.add_argument("--eval-split", help="e.g. 'train[100:120]'")
@@ -167,6 +169,7 @@ def cmd_advise(args) -> int:
     # setup on the embedded model and data
     given = {"rank": args.rank, "alpha": args.alpha, "bias": args.bias,
              "max_length": args.max_length, "loss_on": args.loss_on,
+             "data_format": args.data_format, "chat_template": args.chat_template,
              "trust_remote_code": args.trust_remote_code or None}  # fmt: skip
     defaults = {} if args.config else {"model": "embedded", "data": "embedded"}
     cfg = study_config(args, defaults | {k: v for k, v in given.items() if v is not None})
@@ -182,7 +185,8 @@ def cmd_advise(args) -> int:
     report = run_advise(
         cfg.model, cfg.data, cfg.train_split, args.budget, cfg.rank, cfg.alpha, cfg.bias,
         args.examples, cfg.max_length, cfg.loss_on, args.score,
-        trust_remote_code=cfg.trust_remote_code,
+        trust_remote_code=cfg.trust_remote_code, data_format=cfg.data_format,
+        chat_template=cfg.chat_template,
     )  # fmt: skip
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0
@@ -248,7 +252,17 @@ def _advise_parser(sub) -> None:
         "advise", help="predict where the adapters should go from a few batches of your data"
     )
     p.add_argument("--model", help="hub id, local dir with weights, .gguf file, or 'embedded'")
-    p.add_argument("--data", help="'embedded' or a JSON/JSONL file of instruction/input/output")
+    p.add_argument(
+        "--data",
+        help="'embedded', a JSON/JSONL file, a save_to_disk folder or a datasets id: Alpaca, "
+        "messages, ShareGPT, prompt-completion or text records",
+    )
+    p.add_argument(
+        "--data-format",
+        choices=["auto", "alpaca", "messages", "prompt_completion", "text"],
+        help="the records' format (auto: read from their fields)",
+    )
+    p.add_argument("--chat-template", help="a Jinja file for conversations (auto: the model's)")
     p.add_argument("--train-split", help="rows to score on, e.g. 'train[:100]'")
     p.add_argument(
         "--budget", type=int, help="trainable parameters (default: attention's at --rank)"

@@ -70,6 +70,12 @@ class StudyConfig:
     train_split: str = setting("train[:100]", "data", "training rows, e.g. train[:100]")
     eval_split: str = setting("train[100:120]", "data", "evaluation rows")
     max_length: int = setting(256, "data", "tokens per example", check="positive")
+    data_format: Literal["auto", "alpaca", "messages", "prompt_completion", "text"] = setting(
+        "auto", "data", "the records' format; auto: detected from their fields (data/formats.py)"
+    )
+    chat_template: str = setting(
+        "auto", "data", "conversations' template: auto, the model's own, or a Jinja file"
+    )
     loss_on: Literal["all", "response"] = setting(
         "all", "data", "the loss over every token after the first, or the response's only"
     )

@@ -145,6 +145,8 @@ def run_advise(
     score: str = "lora_b",
     seed: int = 0,
     trust_remote_code: bool = False,
+    data_format: str = "auto",
+    chat_template: str = "auto",
 ) -> dict:
     """Score the model on the first `examples` training rows and recommend a placement.
 
@@ -156,16 +158,18 @@ def run_advise(
     import torch
 
     from loraplace.advise.scores import score_modules
+    from loraplace.data.chat import use_chat_template
     from loraplace.data.rows import load_rows, tokenize
     from loraplace.plan.roles import classify
     from loraplace.train.load import load_model
 
     start = time.perf_counter()
     source = _checked_source(model_spec, score, trust_remote_code)
-    rows = load_rows(data, train_split)[:examples]
+    rows = load_rows(data, train_split, data_format)[:examples]
     torch.manual_seed(seed)
     model, tokenizer = load_model(source)
     loaded = time.perf_counter()
+    use_chat_template(tokenizer, chat_template)
     modules = classify(model)
     budget = _checked_budget(modules, budget, rank, bias)
     batch = tokenize(rows, tokenizer, max_length, loss_on)
@@ -179,6 +183,7 @@ def run_advise(
         "model": source.name,
         "data": data,
         "train_split": train_split,
+        "data_format": rows.format,
         "examples": len(batch),
         "tokens": sum(len(e.input_ids) for e in batch),
         "max_length": max_length,
@@ -312,7 +317,8 @@ def render(report: dict) -> str:
     """The report as text: scores per role and band, candidates, and the recommendation."""
     cols = ("grad", "lora_b", "plop", "params")
     lines = [
-        f"model: {report['model']}; data: {report['data']} {report['train_split']}, first "
+        f"model: {report['model']}; data: {report['data']} {report['train_split']} "
+        f"({report.get('data_format', 'alpaca')}), first "
         f"{report['examples']} examples ({report['tokens']:,} tokens, max_length "
         f"{report['max_length']})",
         f"budget: {report['budget']:,} trainable parameters; scores at uniform r={report['rank']}"

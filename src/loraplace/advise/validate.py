@@ -289,6 +289,7 @@ def run_validation(
     advice = run_advise(
         cfg.model, cfg.data, cfg.train_split, budget, cfg.rank, cfg.alpha, cfg.bias, examples,
         cfg.max_length, cfg.loss_on, trust_remote_code=cfg.trust_remote_code,
+        data_format=cfg.data_format, chat_template=cfg.chat_template,
     )  # fmt: skip
     write_json(out / "advise.json", advice)
     log(f"advise: {advice['cost']['wall_s']:.1f} s; recommended {advice['recommended']}")

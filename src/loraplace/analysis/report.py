@@ -206,7 +206,7 @@ def _setup(first: dict, runs: list[dict]) -> list[tuple[str, str]]:
         ("model", str(cfg.get("model"))),
         (
             "data",
-            f"{data.get('name', cfg.get('data'))}: train {cfg.get('train_split')} ({data.get('train_rows', '?')} rows), eval {cfg.get('eval_split')} ({data.get('eval_rows', '?')} rows, {data.get('eval_target_tokens', '?')} target tokens)",
+            f"{data.get('name', cfg.get('data'))}{_format(data)}: train {cfg.get('train_split')} ({data.get('train_rows', '?')} rows), eval {cfg.get('eval_split')} ({data.get('eval_rows', '?')} rows, {data.get('eval_target_tokens', '?')} target tokens)",
         ),
         (
             "device",
@@ -219,6 +219,11 @@ def _setup(first: dict, runs: list[dict]) -> list[tuple[str, str]]:
     ]
     rows += [(k, str(cfg[k])) for k in HYPERPARAMETERS if k in cfg]
     return rows + [("fast paths", _fast_paths(cfg))]
+
+
+def _format(data: dict) -> str:
+    """' (messages)': the records' format, where a result says it (older ones are Alpaca)."""
+    return f" ({data['format']})" if data.get("format") else ""
 
 
 def _fast_paths(cfg: dict) -> str:
@@ -429,7 +434,8 @@ def _generation_blocks(ok: list[dict]) -> list[tuple[str, object]]:
         return []
     blocks: list[tuple[str, object]] = [("h2", "Greedy generations for evaluation prompts")]
     for i, g in enumerate(gens[0][1]):
-        rows = [("untrained model", g["base"])] + [
+        rows = [("reference", g["reference"])] if g.get("reference") is not None else []
+        rows += [("untrained model", g["base"])] + [
             (name, gs[i]["adapted"]) for name, gs in gens if i < len(gs)
         ]
         blocks += [

@@ -1,28 +1,45 @@
-"""Instruction data: load, slice, format with the Alpaca template, tokenize, collate.
+"""Training data: load, slice, tokenize with what each token teaches, collate, pack.
 
-    rows = load_rows("../shared/data/alpaca_head200.json", "train[:100]")
+    rows = load_rows("../shared/data/alpaca_head200.json", "train[:100]")   # or data_format=...
     examples = tokenize(rows, tokenizer, max_length=256, loss_on="all")
     batch = Collator(tokenizer.pad_token_id)(examples[:4])   # padded to the longest
+    generation_prompt(rows[0], tokenizer), reference(rows[0])   # what a run generates from
 
-Sources: `embedded` (loraplace's own generated data), a local JSON / JSONL file of
-instruction/input/output records, or a Hugging Face datasets id. Labels are built before padding,
-so padding is never trained on while a real EOS always is, even when pad == eos (GPT-2).
+Sources (`sources`): `embedded` (loraplace's own generated data), a JSON / JSONL file, a
+`datasets` folder saved with `save_to_disk`, or a Hugging Face datasets id; formats
+(`formats`): Alpaca, messages (and ShareGPT), prompt-completion, text. What the loss covers:
+
+| format | `loss_on: all` | `loss_on: response` | truncation to max_length keeps |
+|---|---|---|---|
+| alpaca | every token | the output and EOS | the start (the seed's) |
+| messages | every token | every assistant turn (`chat`) | the end of the last assistant turn |
+| prompt_completion | every token | the completion (and EOS, or the end-of-turn token) | the end of the completion |
+| text | every token | every token | the start |
+
+"Every token" is every token but the first, which nothing precedes. Alpaca rows take the seed's
+template; conversations take the model's chat template (`chat`); a plain prompt-completion row
+is BOS (where the tokenizer adds one), prompt, completion, EOS, like Alpaca without a template.
+Keeping the end: a row longer than max_length loses the tokens after its last assistant turn
+(or completion) first, then tokens from its start (the system prompt, early turns), never the
+end of the answer. A row left with no token to learn is refused, naming it. Labels are built
+before padding, so padding is never trained on while a real EOS always is, even when pad == eos
+(GPT-2).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from loraplace.core.errors import UserError
 from loraplace.core.modes import evaluating
+from loraplace.data import chat, sources
 from loraplace.data import embedded as embedded_data
+from loraplace.data.formats import RecordError, kind, normalize
 
 FIELDS = ("instruction", "input", "output")
 IGNORE = -100
@@ -35,7 +52,6 @@ PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
-EMBEDDED_ROWS = 1000
 
 
 def prompt(row: dict) -> str:
@@ -61,70 +77,30 @@ def _slice(spec: str, n_rows: int, source: str) -> slice:
     return slice(lo, hi)
 
 
-def _read_file(path: Path) -> list:
-    jsonl = path.suffix == ".jsonl"
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = (
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-            if jsonl
-            else json.loads(text)
-        )
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(
-            f"data file {str(path)!r} is not valid JSON{' lines' if jsonl else ''}"
-        ) from None
-    if isinstance(data, dict):  # {"train": [...]} is accepted too
-        data = data.get("train", data)
-    if not isinstance(data, list):
-        raise UserError(f"data file {str(path)!r} must hold a list of records")
-    return data
+class Rows(list):
+    """Normalized records (`formats`) that remember where they came from: `source` and the
+    index in it of the first (`start`), for messages that name a record, and their `format`.
+    A contiguous slice keeps both."""
+
+    def __init__(self, rows=(), source: str = "the data", start: int = 0, format: str = "alpaca"):
+        super().__init__(rows)
+        self.source, self.start, self.format = source, start, format
+
+    def __getitem__(self, index):
+        got = super().__getitem__(index)
+        if isinstance(index, slice):
+            first = index.indices(len(self))[0]
+            return Rows(got, self.source, self.start + first, self.format)
+        return got
 
 
-def _check_rows(rows: list, source: str) -> list[dict]:
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not {"instruction", "output"} <= set(row):
-            raise UserError(f"record {i} of {source} lacks the fields instruction, input, output")
-        if not all(isinstance(row.get(k) or "", str) for k in FIELDS):
-            raise UserError(f"record {i} of {source} has a field that is not text")
-    return [{k: row.get(k, "") or "" for k in FIELDS} for row in rows]
-
-
-def _hub_rows(data: str, split: str) -> list[dict]:
-    import datasets
-    from datasets.exceptions import DatasetsError
-
-    name = split.split("[")[0]
-    try:
-        ds = datasets.load_dataset(data, split=name)
-    except (OSError, ValueError, RuntimeError, DatasetsError) as err:
-        # OSError: not on the hub, the hub unreachable or offline (DatasetNotFoundError,
-        # ConnectionError, HTTP errors); ValueError: no such split or config; RuntimeError: a
-        # script dataset, which `datasets` no longer runs; DatasetsError: a download or build
-        # that failed (checksums, generation)
-        raise UserError(
-            f"cannot load dataset {data!r} ({type(err).__name__}); without the Hugging Face hub use "
-            "--data embedded or a local JSON file of instruction/input/output records"
-        ) from None
-    return _check_rows(list(ds), f"dataset {data!r}")
-
-
-def load_rows(data: str, split: str) -> list[dict]:
-    """The records of `split` (e.g. 'train[:100]') from `data`."""
-    if data == "embedded":
-        rows, source = embedded_data.records(EMBEDDED_ROWS), "the embedded dataset"
-    elif Path(data).expanduser().is_file():
-        name = re.match(r"\s*(\w*)", split)[1]
-        if name and name != "train":
-            raise UserError(
-                f"a local data file has one split, 'train' (slice it: train[a:b]), not {split!r}"
-            )
-        rows, source = _check_rows(_read_file(Path(data).expanduser()), f"{data!r}"), f"{data!r}"
-    elif data.endswith((".json", ".jsonl")) or data.startswith((".", "/", "~")):
-        raise UserError(f"data file {data!r} does not exist")
-    else:
-        rows, source = _hub_rows(data, split), f"dataset {data!r}"
-    return rows[_slice(split, len(rows), source)]
+def load_rows(data: str, split: str, data_format: str = "auto") -> Rows:
+    """The records of `split` (e.g. 'train[:100]') from `data`, checked and in their format's
+    shape (`formats.normalize`; `data_format` forces a format)."""
+    records, source = sources.read(data, split)
+    rows, fmt = normalize(records, source, data_format)
+    part = _slice(split, len(rows), source)
+    return Rows(rows[part], source, part.start, fmt)
 
 
 def dataset_name(data: str) -> str:
@@ -138,28 +114,106 @@ class Example:
 
 
 def tokenize(rows: list[dict], tokenizer, max_length: int, loss_on: str = "all") -> list[Example]:
-    """Prompt + response + EOS, truncated to max_length; prompt tokens masked if loss_on='response'."""
+    """One example per row, in order (see the module's table for what each label covers).
+
+    Raises UserError naming the first record that cannot be trained on: a conversation without
+    a chat template to render it, one the template refuses, or one with no token to learn
+    within max_length."""
+    source, start = getattr(rows, "source", "the data"), getattr(rows, "start", 0)
     examples = []
-    for row in rows:
-        head = tokenizer(prompt(row), add_special_tokens=False)["input_ids"]
-        tail = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
-        bos = (
-            [tokenizer.bos_token_id]
-            if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None
-            else []
-        )
-        ids = (bos + head + tail)[:max_length]
-        n_prompt = len(bos) + len(head)
-        # Position 0 is never a target (nothing precedes it); marking it keeps Trainer's count of
-        # target tokens, which does not always shift the labels, equal to the true count.
-        labels = [
-            IGNORE if i == 0 or (loss_on == "response" and i < n_prompt) else t
-            for i, t in enumerate(ids)
-        ]
-        examples.append(Example(ids, labels))
+    for i, row in enumerate(rows):
+        try:
+            examples.append(_example(row, tokenizer, max_length, loss_on, source))
+        except RecordError as err:
+            raise UserError(f"record {start + i} of {source} {err}") from None
     return examples
+
+
+def _example(row: dict, tokenizer, max_length: int, loss_on: str, source: str) -> Example:
+    fmt = kind(row)
+    eos = tokenizer.eos_token_id
+    if fmt == "alpaca" or (fmt == "prompt_completion" and isinstance(row["prompt"], str)):
+        head_text, tail_text = (prompt(row), row["output"]) if fmt == "alpaca" else (
+            row["prompt"], row["completion"])  # fmt: skip
+        head = _bos(tokenizer) + tokenizer(head_text, add_special_tokens=False)["input_ids"]
+        tail = tokenizer(tail_text, add_special_tokens=False)["input_ids"] + [eos]
+        ids, learn = head + tail, [False] * len(head) + [True] * len(tail)
+    elif fmt == "text":
+        ids = _bos(tokenizer) + tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        ids += [eos] if ids[-1:] != [eos] else []
+        learn, loss_on = [True] * len(ids), "all"  # plain text has no prompt to leave out
+    else:
+        chat.require_template(tokenizer, source)
+        ids, learn = chat.encode(row, tokenizer)
+    keep = "start" if fmt in ("alpaca", "text") else "end"
+    example = _labelled(ids, learn, max_length, loss_on, keep)
+    if all(label == IGNORE for label in example.labels):
+        why = ""
+        if loss_on == "response" and keep == "start":
+            why = f" (loss_on is response and the prompt takes {learn.index(True)} tokens)"
+        raise RecordError(
+            f"leaves no token to learn within max_length {max_length}{why}; raise max_length or "
+            "drop the record"
+        )
+    return example
+
+
+def _bos(tokenizer) -> list[int]:
+    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        return [tokenizer.bos_token_id]
+    return []
+
+
+def _labelled(ids: list[int], learn: list[bool], max_length: int, loss_on: str, keep: str):
+    """The example in its max_length window, labelled: every token but the first with `all`,
+    the tokens to `learn` (but the first) with `response`."""
+    window = truncation(learn, max_length, keep)
+    ids, learn = ids[window], learn[window]
+    # Position 0 is never a target (nothing precedes it); marking it keeps Trainer's count of
+    # target tokens, which does not always shift the labels, equal to the true count.
+    labels = [
+        IGNORE if i == 0 or (loss_on == "response" and not taught) else t
+        for i, (t, taught) in enumerate(zip(ids, learn, strict=True))
+    ]
+    return Example(ids, labels)
+
+
+def truncation(learn: list[bool], max_length: int, keep: str) -> slice:
+    """Which max_length tokens a longer example keeps. `start`: the first ones. `end`: the
+    tokens after the last one to learn go first, then tokens from the start, so the window
+    ends with the end of the last assistant turn (or the completion) wherever it fits."""
+    n = len(learn)
+    if n <= max_length or keep == "start":
+        return slice(0, min(n, max_length))
+    last = max((i for i, taught in enumerate(learn) if taught), default=n - 1)
+    stop = max(max_length, last + 1)
+    return slice(stop - max_length, stop)
+
+
+def generation_prompt(row: dict, tokenizer) -> str | None:
+    """The text a run's greedy generations continue: the Alpaca prompt; a conversation up to
+    its last assistant turn rendered by the chat template with the generation prompt; a plain
+    prompt. None for plain text, which has no prompt."""
+    fmt = kind(row)
+    if fmt == "alpaca":
+        return prompt(row)
+    if fmt == "text":
+        return None
+    if fmt == "prompt_completion" and isinstance(row["prompt"], str):
+        return row["prompt"]
+    return chat.generation_prompt(row, tokenizer)
+
+
+def reference(row: dict) -> str | None:
+    """What the row says the answer to `generation_prompt` is; None for plain text."""
+    fmt = kind(row)
+    if fmt == "alpaca":
+        return row["output"]
+    if fmt == "text":
+        return None
+    if fmt == "prompt_completion" and isinstance(row["completion"], str):
+        return row["completion"]
+    return chat.reference(row)
 
 
 @dataclass

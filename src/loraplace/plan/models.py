@@ -158,6 +158,18 @@ def model_config(source: ModelSource):
     return hub_call(source, AutoConfig.from_pretrained, path, **kwargs)
 
 
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer alone (no weights; a pad token set where it has none): what data
+    preparation checks records with, and what a run trains with."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = pretrained_args(source)
+    tokenizer = hub_call(source, AutoTokenizer.from_pretrained, path, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def meta_model(source: ModelSource) -> torch.nn.Module:
     """The architecture on the meta device: parameter shapes, no memory, no weights."""
     from transformers import AutoModelForCausalLM

@@ -46,7 +46,6 @@ def prepare(cfg: StudyConfig, products: bool = True) -> Prepared:
     anything wrong); resolve what `auto` takes on this machine. `products`: also measure the
     product libraries with the config's threads (a study measures them once it knows its
     runs' threads)."""
-    from loraplace.data.rows import load_rows
     from loraplace.plan.budget import equalize
     from loraplace.plan.memory import shape_of
     from loraplace.plan.models import meta_model, resolve_model
@@ -69,13 +68,26 @@ def prepare(cfg: StudyConfig, products: bool = True) -> Prepared:
             )
         strategies = equalize(modules, strategies, cfg.equal_budget, cfg.rank)
     plans = {s.name: place(modules, s, cfg.rank, cfg.bias).plan() for s in strategies}
-    for split in (cfg.train_split, cfg.eval_split):
-        load_rows(cfg.data, split)
+    check_data(cfg)
     shapes = _shapes(modules, meta)
     base_mb = sum(p.numel() for p in meta.parameters()) * 4 / 2**20
     gpu_run = gpu_run_memory(cfg, paths, shape_of(meta, modules), plans)
     found = measure_products(cfg, paths, shapes, cfg.threads) if products and paths else {}
     return Prepared(strategies, paths, found, plans, shapes, base_mb, gpu_run)
+
+
+def check_data(cfg: StudyConfig) -> None:
+    """Load and tokenize every record the runs train on and evaluate, as they will: a bad one
+    ends the study here, in one sentence naming it, before anything is written."""
+    from loraplace.data.chat import use_chat_template
+    from loraplace.data.rows import load_rows, tokenize
+    from loraplace.plan.models import load_tokenizer, resolve_model
+
+    rows = [load_rows(cfg.data, s, cfg.data_format) for s in (cfg.train_split, cfg.eval_split)]
+    tokenizer = load_tokenizer(resolve_model(cfg.model, cfg.trust_remote_code))
+    use_chat_template(tokenizer, cfg.chat_template)
+    for part in rows:
+        tokenize(part, tokenizer, cfg.max_length, cfg.loss_on)
 
 
 def run_specs(

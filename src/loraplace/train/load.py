@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from loraplace.plan.models import ModelSource, clear_quantized_flag, hub_call, pretrained_args
+from loraplace.plan.models import (
+    ModelSource,
+    clear_quantized_flag,
+    hub_call,
+    load_tokenizer,
+    pretrained_args,
+)
 
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,10 +31,10 @@ def load_model(
     attention: str | None = None,
 ):
     """The model with its weights and its tokenizer (a pad token is set if it has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path, kwargs = pretrained_args(source)
-    tokenizer = hub_call(source, AutoTokenizer.from_pretrained, path, **kwargs)
+    tokenizer = load_tokenizer(source)
     if attention:
         kwargs["attn_implementation"] = attention
     if quantize != "none":
@@ -40,8 +46,6 @@ def load_model(
         clear_quantized_flag(model)
     if quantize == "4bit":
         keep_4bit_differentiable(model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 

@@ -24,6 +24,8 @@ BASE_EVAL_KEYS = (
     "eval_split",
     "max_length",
     "loss_on",
+    "data_format",
+    "chat_template",
     "trust_remote_code",
     "pack_eval",
 )

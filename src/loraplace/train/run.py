@@ -30,13 +30,15 @@ from loraplace import __version__
 from loraplace.config import StudyConfig, run_settings
 from loraplace.core import faults
 from loraplace.core.results import die_with_parent, environment, private_memory_mb, write_result
+from loraplace.data.chat import use_chat_template
 from loraplace.data.rows import (
     Collator,
     PackedCollator,
     dataset_name,
+    generation_prompt,
     load_rows,
     packing_is_exact,
-    prompt,
+    reference,
     tokenize,
 )
 from loraplace.fast.hardware import Paths, remembered_check
@@ -133,9 +135,10 @@ def _load(cfg: StudyConfig, paths: Paths):
     model, tokenizer = load_model(resolve_model(cfg.model, cfg.trust_remote_code),
                                   DTYPES[paths.precision], paths.quantize, paths.device,
                                   paths.attention)  # fmt: skip
+    use_chat_template(tokenizer, cfg.chat_template)
     rows = {
-        "train": load_rows(cfg.data, cfg.train_split),
-        "eval": load_rows(cfg.data, cfg.eval_split),
+        "train": load_rows(cfg.data, cfg.train_split, cfg.data_format),
+        "eval": load_rows(cfg.data, cfg.eval_split, cfg.data_format),
     }
     sets = {k: tokenize(v, tokenizer, cfg.max_length, cfg.loss_on) for k, v in rows.items()}
     return model, tokenizer, rows, sets
@@ -290,7 +293,9 @@ def train_run(spec: RunSpec) -> dict:
     arch = architecture(model, spec.plan.ranks)  # before wrapping: for the bench's FLOP count
     with run.phases("attach"):
         model, taken = _adapt(run, model, products, batching["packed"], head)
-    prompts = [prompt(r) for r in rows["eval"][: cfg.generations]]
+    # conversations: rendered by the chat template up to their last assistant turn
+    asked = [r for r in rows["eval"][: cfg.generations] if generation_prompt(r, tokenizer)]
+    prompts = [generation_prompt(r, tokenizer) for r in asked]
 
     def untrained() -> list[str]:
         with model.disable_adapter():
@@ -331,8 +336,8 @@ def train_run(spec: RunSpec) -> dict:
         "curves": curves,
         "placement": spec.plan.record,
         "generations": [
-            {"prompt": p, "base": b, "adapted": g}
-            for p, b, g in zip(prompts, base_texts, generations, strict=True)
+            {"prompt": p, "reference": reference(r), "base": b, "adapted": g}
+            for p, r, b, g in zip(prompts, asked, base_texts, generations, strict=True)
         ],
         "data": _data_record(cfg, rows, per_example),
         **_paths_taken(run, products, batching, taken, eval_head),
@@ -356,6 +361,7 @@ def _losses(per_example: list, base: list) -> dict:
 def _data_record(cfg: StudyConfig, rows: dict, per_example: list) -> dict:
     return {
         "name": dataset_name(cfg.data),
+        "format": getattr(rows["train"], "format", "alpaca"),
         "train_rows": len(rows["train"]),
         "eval_rows": len(rows["eval"]),
         "eval_target_tokens": sum(n for _, n in per_example),
