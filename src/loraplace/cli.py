@@ -126,6 +126,11 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=float)
     p.add_argument(
+        "--lr-sweep", type=_rates, metavar="RATES",
+        help="pick each strategy's learning rate from these (1e-4,2e-4,5e-4) on a development "
+        "split, then run the seeds at the shared and at the picked rates",
+    )  # fmt: skip
+    p.add_argument(
         "--executor",
         choices=["local", "ray"],
         help="local: runs one after another here (default); ray: runs as Ray tasks on a cluster",
@@ -138,6 +143,16 @@ def add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="any config key (repeatable)"
     )
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of rates: {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"rates must be positive numbers: {text!r}")
+    return rates
 
 
 def study_config(args, defaults: dict | None = None):
@@ -154,6 +169,7 @@ def study_config(args, defaults: dict | None = None):
         "epochs": args.epochs,
         "layer_study": args.layer_study,
         "equal_budget": args.equal_budget,
+        "lr_sweep": getattr(args, "lr_sweep", None),
         "executor": getattr(args, "executor", None),  # commands without these flags run here
         "ray_address": getattr(args, "ray_address", None),
     }

@@ -111,6 +111,21 @@ class StudyConfig:
     batch_size: int = setting(1, "training", "examples per micro-batch", check="positive")
     grad_accum: int = setting(4, "training", "micro-batches per optimizer step", check="positive")
     lr: float = setting(2e-4, "training", "learning rate", check="positive")
+    lr_sweep: list[float] = setting(
+        group="training",
+        doc="rates to pick each strategy's from on dev_split, e.g. [1e-4, "
+        "5e-4]; the study then runs at the shared lr and at each one's pick (study/sweep.py)",
+        factory=list,
+        check="positive_each",
+        run=False,
+    )
+    dev_split: str | None = setting(
+        None,
+        "training",
+        "rows the lr sweep picks on; unset: the last fifth of the training "
+        "rows, which the sweep's runs then leave out",
+        run=False,
+    )
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = setting(
         "cosine", "training", "learning-rate schedule"
     )
@@ -439,6 +454,7 @@ def _gpus(value) -> bool:
 CHECKS = {
     "positive": (lambda v: v > 0, "positive"),
     "positive_or_none": (lambda v: v is None or v > 0, "positive or null"),
+    "positive_each": (lambda v: all(x > 0 for x in v), "a list of positive numbers"),
     "non_negative": (lambda v: v >= 0, "0 or more"),
     "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "effect": (lambda v: 0 < v <= 1, "a fraction above 0 and at most 1 (0.01 is a 1 % difference)"),

@@ -143,3 +143,23 @@ def placement_map(results: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(roles)), roles, rotation=90, fontsize=7)
         ax.set_ylabel("layer")
     _save(fig, path)
+
+
+def lr_sweep(sweep: dict, path: Path) -> None:
+    """Development loss against learning rate (log scale), a line per strategy, its pick ringed."""
+    names = list(sweep["strategies"])
+    colors = _colors(names)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        entry = sweep["strategies"][name]
+        points = sorted((float(lr), loss) for lr, loss in entry["curve"].items())
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=colors[name],
+                label=name)  # fmt: skip
+        best = dict(points)[entry["lr"]]
+        ax.plot([entry["lr"]], [best], "o", ms=12, mfc="none", color=colors[name])
+    ax.set_xscale("log")
+    ax.set(title="learning-rate sweep", xlabel="learning rate",
+           ylabel="development eval loss")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)

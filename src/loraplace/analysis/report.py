@@ -24,6 +24,7 @@ from loraplace.analysis import plots, stats
 from loraplace.analysis.answer import comparison_blocks, headline
 from loraplace.analysis.compare import COMPARISON_COLUMNS, Comparison, compare
 from loraplace.analysis.metrics import METRICS, per_example
+from loraplace.analysis.sweep_report import sweep_blocks
 from loraplace.core.errors import UserError
 from loraplace.core.results import (
     SUMMARY_COLUMNS,
@@ -279,6 +280,13 @@ def build(
         _draw_figures(paths, agg, ok)
     notes = _notes(results, ok, damaged, _missing(study, results), agg, comparisons)
     blocks = report_blocks(ok[0] if ok else results[0], summary, agg, comparisons, notes, ok, paths)
+
+    def tuned(found: list[dict]):
+        _, t_agg, t_comparisons = tables(found, reference, compare_with, effect)
+        return t_agg, t_comparisons, headline(t_agg, t_comparisons)
+
+    sweep = sweep_blocks(out, headline(agg, comparisons), tuned)
+    blocks[3:3] = sweep  # after the answer
     write_text(paths["report.md"], render_md(blocks))
     write_text(paths["report.html"], render_html(blocks, out))
     return paths

@@ -58,7 +58,8 @@ def prompt(row: dict) -> str:
     return (PROMPT_WITH_INPUT if row.get("input") else PROMPT_NO_INPUT).format(**row)
 
 
-def _slice(spec: str, n_rows: int, source: str) -> slice:
+def split_slice(spec: str, n_rows: int, source: str) -> slice:
+    """The rows `spec` (train[a:b], percents too) selects of `n_rows`; UserError where none."""
     m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*(-?\d*)(%?)\s*:\s*(-?\d*)(%?)\s*\])?\s*", spec)
     if not m:
         raise UserError(f"split {spec!r} is not of the form train[a:b] (rows a to b-1, or percent)")
@@ -99,7 +100,7 @@ def load_rows(data: str, split: str, data_format: str = "auto") -> Rows:
     shape (`formats.normalize`; `data_format` forces a format)."""
     records, source = sources.read(data, split)
     rows, fmt = normalize(records, source, data_format)
-    part = _slice(split, len(rows), source)
+    part = split_slice(split, len(rows), source)
     return Rows(rows[part], source, part.start, fmt)
 
 

@@ -12,6 +12,7 @@ are run again.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -55,8 +56,15 @@ def is_done(result: dict | None, spec: RunSpec) -> bool:
     )
 
 
-def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
-    """Run every missing (strategy, seed); return all results found under OUT."""
+def run_study(
+    cfg: StudyConfig, out: Path, log=print, lr_by_strategy: dict[str, float] | None = None
+) -> list[dict]:
+    """Run every missing (strategy, seed); return all results found under OUT.
+    `lr_by_strategy`: a strategy's own learning rate (an lr sweep's picks), else the config's."""
+    if cfg.lr_sweep:
+        from loraplace.study.sweep import run_sweep_study
+
+        return run_sweep_study(cfg, out, log)
     out = Path(out)
     if cfg.executor == "ray":  # before anything is written: is Ray installed?
         from loraplace.study.ray import require_ray
@@ -75,6 +83,8 @@ def run_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
         run = f"{path.parent.parent.name} {path.parent.name.replace('-', ' ')}"
         log(f"{run}: result.json {why}; running it again")
     specs = run_specs(cfg, prepared, out)
+    if lr_by_strategy:
+        specs = [s.with_(config=replace(cfg, lr=lr_by_strategy.get(s.name, cfg.lr))) for s in specs]
     write_json(out / STUDY, study_record(cfg, specs, out))
     todo = [s for s in specs if not is_done(existing.get((s.name, s.seed)), s)]
     log(
@@ -103,6 +113,7 @@ def study_record(cfg: StudyConfig, specs: list[RunSpec], out: Path) -> dict:
     return {
         "strategies": names,
         "seeds": list(cfg.seeds),
+        "lr": {s.name: s.config.lr for s in specs},
         "reference": cfg.reference,
         "compare": cfg.compare,
         "runs": [
