@@ -54,6 +54,7 @@ from loraplace.train.evaluate import (
     greedy_generations,
     token_weighted,
 )
+from loraplace.train.progress import RunProgress, redirect_output
 from loraplace.train.trainer import chunked_trainer, recorder, training_args
 
 
@@ -187,10 +188,15 @@ class Notes(list):
 
 
 class Phases(dict):
-    """Seconds spent in each named part of a run: `with phases("load"): ...`."""
+    """Seconds spent in each named part of a run: `with phases("load"): ...`; `listener`, if
+    set, hears each part begin (the run's progress file)."""
+
+    listener = None
 
     @contextmanager
     def __call__(self, name: str):
+        if self.listener:
+            self.listener(name)
         start = time.perf_counter()
         try:
             yield
@@ -340,6 +346,7 @@ class Run:
         default_factory=lambda: {"eval_s": 0.0, "checkpoint_s": 0.0, "checkpoints": 0}
     )
     released: bool = False  # freed memory goes back to the OS (release_memory)
+    progress: RunProgress | None = None  # progress.json in the run's folder
 
     @property
     def device(self) -> str:
@@ -359,6 +366,7 @@ def train_run(spec: dict) -> dict:
         batching = _batching(cfg, model, tokenizer, run.paths, run.notes)
     eval_head = _eval_head(batching, head)
     evaluate = _evaluator(run, model, sets["eval"], batching["eval_collate"], eval_head)
+    evaluate = run.progress.evaluating(evaluate)  # an epoch's evaluation shows as such
     with run.phases("base_eval"):
         base = base_evaluation(spec, cfg, run.paths, sets["eval"], evaluate, eval_head)
     placement = planned_placement(spec, model, cfg)
@@ -447,6 +455,8 @@ def _start(spec: dict) -> Run:
     if "lr" in injected:
         cfg = dataclasses.replace(cfg, lr=float(injected["lr"]))
     run = Run(spec, cfg, strategy, seed, Path(spec["run_dir"]), injected, run_paths(spec, cfg))
+    run.progress = RunProgress.for_spec(spec)
+    run.phases.listener = run.progress.on_phase
     threads = cfg.threads or spec.get("threads")  # the study's share of the cores, if any
     if threads:
         torch.set_num_threads(threads)
@@ -567,7 +577,10 @@ def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
         args=training_args(cfg, run.run_dir, run.seed, run.strategy.name, run.paths),
         train_dataset=train_set,
         data_collator=batching["collate"],
-        callbacks=[recorder(evaluate, curves, cfg.eval_every_epoch)],
+        callbacks=[
+            recorder(evaluate, curves, cfg.eval_every_epoch),
+            run.progress.callback(sum(len(e.input_ids) for e in train_set)),
+        ],
     )
     trainer.remove_callback(PrinterCallback)  # the study prints its own progress lines
     every_s = cfg.checkpoint_minutes * 60 if cfg.checkpoint_minutes else None
@@ -640,6 +653,7 @@ def _placement_record(placement) -> dict:
 def run_spec_file(spec_path: Path) -> int:
     """Run the spec and write result.json atomically, status ok or failed with its reason."""
     spec = json.loads(spec_path.read_text())
+    redirect_output(spec_path.parent)  # where the study draws a live display
     result = {
         "status": "failed",
         "process": os.getpid(),

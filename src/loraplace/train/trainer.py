@@ -5,14 +5,13 @@ and stops on NaN, and the Trainer that runs a step's packed chunks one at a time
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 
 import torch
 
 from loraplace.config import StudyConfig
 from loraplace.train.evaluate import token_weighted
+from loraplace.train.progress import trainer_bars
 
 
 def recorder(evaluate, curves: dict, every_epoch: bool = True):
@@ -111,5 +110,5 @@ def training_args(cfg: StudyConfig, run_dir: Path, seed: int, name: str, paths: 
         use_liger_kernel=bool(paths.get("liger")),
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty() and not os.environ.get("LORAPLACE_PROGRESS"),
+        disable_tqdm=not trainer_bars(),  # a study shows its runs' progress itself
     )
