@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from loraplace.core.results import (
     write_text,
 )
 from loraplace.plan.strategies import Strategy, resolve, to_dict
+from loraplace.study_display import StudyProgress
 from loraplace.train import server
 
 
@@ -147,11 +147,6 @@ def is_done(result: dict | None, spec: dict) -> bool:
             or all(paths.get(k, then) == spec["paths"][k] for k, then in NUMERIC_PATHS.items())
         )
     )
-
-
-def _fmt(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _env(cfg: StudyConfig, out: Path, name: str) -> dict:
@@ -321,7 +316,11 @@ def run_local(
 ) -> list[dict]:
     """Run the specs on this machine, each in a process of its own: `at_once` at a time
     (None: the first alone, then as many as fit beside its peak memory)."""
-    progress = _Progress(len(todo), log)
+    with StudyProgress(todo, out, log, at_once) as progress:  # the live display or plain lines
+        return _run_local(todo, cfg, out, progress, at_once)
+
+
+def _run_local(todo: list[dict], cfg: StudyConfig, out: Path, progress, at_once) -> list[dict]:
     results = []
     if at_once is None and todo:
         results.append(_run_one(todo[0], cfg, out, 1, progress))
@@ -332,7 +331,7 @@ def run_local(
         return results + [_run_one(spec, cfg, out, 1, progress) for spec in todo]
     threads = todo[0].get("threads") if todo else None
     each = f", {threads} thread{'s' if threads != 1 else ''} each" if threads else ""
-    log(f"runs: {at_once} at a time on this device, each its own process{each}")
+    progress.log(f"runs: {at_once} at a time on this device, each its own process{each}")
     with ThreadPoolExecutor(at_once) as pool:
         return results + list(pool.map(lambda s: _run_one(s, cfg, out, at_once, progress), todo))
 
@@ -350,32 +349,6 @@ def runs_that_fit(first: dict, cfg: StudyConfig) -> int:
     return max(1, min(8, int(0.9 * free / 2**20 // peak)))
 
 
-class _Progress:
-    """The study's progress lines, from however many runs are going at once."""
-
-    def __init__(self, total: int, log) -> None:
-        self.total, self.log, self.started, self.durations = total, log, time.perf_counter(), []
-        self.count, self.lock, self.at_once = 0, threading.Lock(), 1
-
-    def begin(self, name: str, seed: int) -> None:
-        with self.lock:
-            self.count += 1
-            left = self.total - len(self.durations)
-            rounds = -(-left // self.at_once)  # runs at once end together
-            eta = (f", ETA {_fmt(sum(self.durations) / len(self.durations) * rounds)}"
-                   if self.durations else "")  # fmt: skip
-            elapsed = _fmt(time.perf_counter() - self.started)
-            self.log(f"run {self.count}/{self.total}: {name} seed {seed} (elapsed {elapsed}{eta})")
-
-    def end(self, name: str, seed: int, seconds: float, result: dict) -> None:
-        with self.lock:
-            self.durations.append(seconds)
-            status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
-            resumed = result.get("resumed_from_step")
-            since = f", resumed from step {resumed}" if resumed is not None else ""
-            self.log(f"  {name} seed {seed}: {status} ({_fmt(seconds)}{since})")
-
-
 def _run_one(spec: dict, cfg: StudyConfig, out: Path, at_once: int, progress) -> dict:
     """One spec in a process of its own; its result (a failed one if the process died)."""
     name, seed = spec["strategy"]["name"], spec["seed"]
@@ -384,7 +357,7 @@ def _run_one(spec: dict, cfg: StudyConfig, out: Path, at_once: int, progress) ->
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").unlink(missing_ok=True)
     write_json(folder / "spec.json", spec | {"runs_at_once": at_once})
-    env = _env(cfg, out, f"{name}-seed-{seed}")
+    env = _env(cfg, out, f"{name}-seed-{seed}") | progress.run_env  # no Trainer bars
     if at_once > 1 and not cfg.threads:  # the cores shared out, not each run taking them all
         env["OMP_NUM_THREADS"] = str(spec.get("threads") or cores_each(at_once))
     t0 = time.perf_counter()
