@@ -29,6 +29,9 @@ from pathlib import Path
 from loraplace.config import StudyConfig
 from loraplace.core.errors import UserError
 from loraplace.core.results import run_dir, write_bytes_atomic, write_json, write_result
+from loraplace.ray_progress import LOOK_S, Mail, forwarding
+from loraplace.study_display import StudyProgress
+from loraplace.train.progress import FILE as PROGRESS
 
 INSTALL = "pip install 'loraplace[ray]'"
 SPEC = "spec.json"
@@ -132,8 +135,11 @@ def _files(root: Path) -> tuple[dict[str, bytes], list[str]]:
     return files, folders
 
 
-def train_on_node(spec: dict, study: str, threads: int) -> dict:
-    """(A Ray task, on a node) Train one run in a temporary folder laid out like OUT.
+def train_on_node(
+    spec: dict, study: str, threads: int, box=None, run_env: dict | None = None
+) -> dict:
+    """(A Ray task, on a node) Train one run in a temporary folder laid out like OUT; its
+    progress.json goes to the driver through the mailbox `box` as it changes.
 
     Returns its result (with the node it ran on), every file it made by its path relative to
     OUT, its folders, the temporary folder it used (deleted by then) and its wall time.
@@ -158,12 +164,14 @@ def train_on_node(spec: dict, study: str, threads: int) -> dict:
         env = _env(cfg, root, f"{name}-seed-{seed}")
         env["WANDB_RUN_GROUP"] = os.environ.get("WANDB_RUN_GROUP", study)
         env["OMP_NUM_THREADS"] = str(threads)  # train.py sets torch's threads where `threads` is
+        env |= run_env or {}  # the study's display: no Trainer bars, output to run.log
         import ray
 
         if not ray.get_gpu_ids():  # a run given no GPU sees none
             env["CUDA_VISIBLE_DEVICES"] = ""
         cmd = [sys.executable, "-m", "loraplace.cluster", str(folder / SPEC)]
-        code = subprocess.run(cmd, env=env, cwd=tmp).returncode
+        with forwarding(box, (name, seed), folder / PROGRESS):
+            code = subprocess.run(cmd, env=env, cwd=tmp).returncode
         result_path = folder / "result.json"
         if not result_path.is_file():
             raise RunProcessDied(
@@ -236,14 +244,15 @@ def run_on_ray(todo: list[dict], cfg: StudyConfig, out: Path, log=print) -> list
     results, in the order they finished, each also written to its run folder under OUT."""
     ray = require_ray()
     started_here = connect(ray, cfg)
-    try:
-        return _run(ray, todo, cfg, Path(out), log)
+    try:  # the display reads the progress files the mailbox brings into OUT
+        with StudyProgress(todo, out, log, None, "ray") as progress, Mail(ray, todo) as mail:
+            return _run(ray, todo, cfg, Path(out), progress, mail)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
+def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log, mail) -> list[dict]:
     cpus, gpus = run_resources(ray, cfg)
     threads = cfg.threads or max(1, math.floor(cpus))
     alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -267,23 +276,28 @@ def _run(ray, todo: list[dict], cfg: StudyConfig, out: Path, log) -> list[dict]:
             max_retries=cfg.max_retries,
             retry_exceptions=[RunProcessDied],
             name=f"loraplace:{spec['strategy']['name']}-seed-{spec['seed']}",
-        ).remote(spec, study, threads)
+        ).remote(spec, study, threads, mail.box, log.run_env)
         pending[ref] = spec
     started, results = time.perf_counter(), []
     while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        spec = pending.pop(ref)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=LOOK_S)
+        mail.drain()  # the runs' progress into OUT while they train
+        if not ready:
+            continue
+        spec = pending.pop(ready[0])
         name, seed = spec["strategy"]["name"], spec["seed"]
+        mail.finish((name, seed))
         try:
-            payload = ray.get(ref)
+            payload = ray.get(ready[0])
             result = store(out, spec, payload)
             where = f" on {result['node']['name']} ({result['node']['ip']})"
-            took = f"{_fmt(payload['wall_s'])}, "
+            took, wall_s = f"{_fmt(payload['wall_s'])}, ", payload["wall_s"]
         except ray.exceptions.RayError as err:
             result = _lost(spec, _reason(err, cfg.max_retries))
             write_result(Path(spec["run_dir"]) / "result.json", result)
-            where, took = "", ""
+            where, took, wall_s = "", "", None
         results.append(result)
+        log.finished(name, seed, wall_s, result)  # its last progress lines; its row goes
         elapsed = time.perf_counter() - started
         eta = f", ETA {_fmt(elapsed / len(results) * len(pending))}" if pending else ""
         status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
