@@ -56,7 +56,8 @@ def test_progress_is_written_at_tenths_and_phases_never_per_step(tmp_path, monke
     progress = RunProgress(tmp_path / "progress.json", "full", 42, every_s=3600)
     writes = []
     monkeypatch.setattr(
-        "loraplace.train.progress.write_json", lambda path, state: writes.append(state["step"])
+        "loraplace.train.progress.write_json",
+        lambda path, state, sync: writes.append(state["step"]),
     )
     progress.on_phase("load")
     progress.on_phase("attach")  # not a phase of its own: stays "loading", nothing written

@@ -73,7 +73,7 @@ class Mail:
             latest[tuple(key)] = data
         for key, data in latest.items():
             if key in self.folders and key not in self.done:
-                write_bytes_atomic(self.folders[key] / FILE, data)
+                write_bytes_atomic(self.folders[key] / FILE, data, sync=False)
 
     def finish(self, key: tuple) -> None:
         """A run's task returned: what it sent (all of it, since its last send returned before

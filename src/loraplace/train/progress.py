@@ -166,11 +166,12 @@ class RunProgress:
         del events[:-EVENTS_KEPT]
 
     def write(self) -> None:
-        """Rewrite the file atomically; a failed write (a full disk) never fails the run."""
+        """Rewrite the file atomically, without an fsync (about 1 ms, not 8, on the development
+        machine: nothing in it matters after a crash); a failed write never fails the run."""
         self._written = time.monotonic()
         self.state.update(updated=time.time(), elapsed_s=self._written - self.begun)
         try:
-            write_json(self.path, self.state)
+            write_json(self.path, self.state, sync=False)
         except OSError:
             pass
 
