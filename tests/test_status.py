@@ -99,6 +99,18 @@ def test_a_stopped_study_has_interrupted_runs_not_running_ones(made):
     assert render(status).splitlines()[0] == f"{made}: stopped before its runs ended"
 
 
+def test_a_study_from_before_progress_files_reads_as_stopped_or_not_started(made):
+    (made / "progress.json").unlink()  # as a study of an earlier loraplace left it
+    for path in made.glob("runs/*/seed-*/progress.json"):
+        path.unlink()
+    status = read_status(made)
+    assert status["state"] == "stopped"
+    assert [r["state"] for r in status["runs"]] == ["done", "failed"] + ["waiting"] * 4
+    for path in made.glob("runs/*/seed-*/result.json"):
+        path.unlink()
+    assert read_status(made)["state"] == "not started"
+
+
 def test_a_result_left_by_an_earlier_start_is_waiting_while_the_study_runs(made):
     stale = run_dir(made, "attention", 2) / "result.json"
     write_result(stale, result("attention", 2, ok=False))

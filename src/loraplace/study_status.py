@@ -211,8 +211,9 @@ def read_status(out: Path, reader: Reader | None = None, now: float | None = Non
     for row in runs:
         counts[row["state"]] += 1
     ended = counts["done"] + counts["failed"] == len(runs) and runs
+    begun = study or len(runs) > counts["waiting"]  # a start recorded, or a run with files
     state = ("running" if running else "finished" if ended
-             else "stopped" if counts["interrupted"] or study else "not started")  # fmt: skip
+             else "stopped" if begun else "not started")  # fmt: skip
     status = {
         "out": str(out),
         "state": state,
