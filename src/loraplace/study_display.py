@@ -55,7 +55,7 @@ class Output:
         self.mode = mode or ("quiet" if quiet else "live" if _terminal(self.stream) else "lines")
         self.region: Region | None = None
         self.lock = threading.RLock()
-        self._saved = None  # (the stream, fd 1, fd 2) while the terminal is taken
+        self._saved = None  # {fd: its copy} while the terminal is taken
 
     def __call__(self, line: str) -> None:
         with self.lock:
@@ -66,19 +66,21 @@ class Output:
                 self.stream.flush()
 
     def take_terminal(self) -> Output:
-        """Live mode, where the stream is this process's stdout: fds 1 and 2 to a pipe whose
-        lines this object prints (the processes started from now on inherit it)."""
+        """Live mode, where the stream is this process's stdout: fd 1, and fd 2 where it is the
+        terminal too (not a file it was sent to), to a pipe whose lines this object prints (the
+        processes started from now on inherit it)."""
         if self.mode != "live" or self.stream is not sys.stdout or self.stream.fileno() != 1:
             return self
         sys.stdout.flush()
         sys.stderr.flush()
-        saved, (read, write) = (os.dup(1), os.dup(2)), os.pipe()
-        terminal = os.fdopen(os.dup(saved[0]), "w", encoding=self.stream.encoding,
+        self._saved = {fd: os.dup(fd) for fd in (1, 2) if os.isatty(fd)}
+        read, write = os.pipe()
+        terminal = os.fdopen(os.dup(self._saved[1]), "w", encoding=self.stream.encoding,
                              errors="replace")  # fmt: skip
-        os.dup2(write, 1)
-        os.dup2(write, 2)
+        for fd in self._saved:
+            os.dup2(write, fd)
         os.close(write)
-        self._saved, self.stream = (self.stream, *saved), terminal
+        self.stream = terminal
         threading.Thread(target=self._relay, args=(read,), daemon=True, name="output").start()
         return self
 
@@ -113,11 +115,9 @@ class Output:
             sys.stdout.flush()
             sys.stderr.flush()
             with self.lock:
-                _, one, two = self._saved
-                os.dup2(one, 1)
-                os.dup2(two, 2)
-                os.close(one)
-                os.close(two)
+                for fd, copy in self._saved.items():
+                    os.dup2(copy, fd)
+                    os.close(copy)
                 self._saved = None
 
 
@@ -139,6 +139,7 @@ class Region:
 
     def _write(self, above: list[str], rows: list[str]) -> None:
         width, height = self.size()
+        height = max(height, 5)
         if len(rows) > height - 1:  # rows that scrolled away could not be redrawn
             hidden = len(rows) - (height - 2)
             rows = rows[: height - 3] + [f"... and {hidden} more"] + rows[-1:]
