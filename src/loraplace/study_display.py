@@ -203,9 +203,10 @@ def live_row(label: str, view: dict | None, elapsed: float, width: int, ascii: b
     if view.get("tokens_per_s"):
         parts.append(f"{view['tokens_per_s']:,.0f} tok/s")
     parts.append(f"ETA {fmt_s(view.get('eta_s'))}")
+    bar = max(5, min(30, width - len(label) - 66))  # one width for every row: the bars line up
     return tqdm.format_meter(
         step, total, elapsed, ncols=width - 1, prefix=label, ascii=ascii,
-        bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+        bar_format=f"{{desc}} {{percentage:3.0f}}%|{{bar:{bar}}}| {{n_fmt}}/{{total_fmt}}{{postfix}}",
         postfix=", ".join(parts),
     )  # fmt: skip
 
