@@ -18,8 +18,9 @@ from conftest import ALPACA_HEAD, REPO
 from loraplace.config import load_config
 from loraplace.plan.strategies import BUILTINS, to_dict
 from loraplace.runner import run_study
-from loraplace.study_display import Output, Region, event_line
+from loraplace.study_display import event_line
 from loraplace.study_status import study_eta
+from loraplace.terminal import Output, Region
 from loraplace.train.progress import RunProgress
 from loraplace.train.run import train_run
 

@@ -54,7 +54,7 @@ def cmd_study(args) -> int:
     from loraplace.analysis.report import build
     from loraplace.core.lock import release
     from loraplace.runner import run_study
-    from loraplace.study_display import Output
+    from loraplace.terminal import Output
 
     cfg = _study_config(args)
     log = Output(quiet=args.quiet).take_terminal()  # in a terminal, all output goes through it
