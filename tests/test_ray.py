@@ -262,6 +262,52 @@ def test_two_nodes_give_the_local_executors_results_through_the_object_store(
 
 @needs_ray
 @pytest.mark.slow
+def test_the_runs_progress_reaches_out_while_they_train_on_the_nodes(
+    two_nodes, tiny_gpt2_dir, tmp_path
+):
+    """No node shares OUT: each task sends its run's progress.json to the driver's mailbox, and
+    the driver writes it into OUT, where the display and `loraplace status` read it."""
+    import json
+
+    cluster, _ = two_nodes
+    out, seen, stop = tmp_path / "out", {}, threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for path in out.glob("runs/*/seed-*/progress.json"):
+                if not (path.parent / "result.json").is_file():
+                    found = json.loads(path.read_text())  # whole: written atomically
+                    states = seen.setdefault(path.parent.parent.name, [])
+                    if (found["phase"], found["step"]) not in states:
+                        states.append((found["phase"], found["step"]))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    lines = []
+    try:
+        cfg = config(tiny_gpt2_dir, executor="ray", ray_address=cluster.address,
+                     train_split="train[:80]")  # fmt: skip
+        run_study(cfg, out, log=lines.append)
+    finally:
+        stop.set()
+        watcher.join()
+    for name in ("full", "attention"):
+        # in OUT before the result, and advancing (the driver writes a run's latest each time
+        # it drains the mailbox, so which states it shows depends on the machine's pace)
+        assert len(seen[name]) >= 2, seen
+        steps = [step for _, step in seen[name] if step is not None]
+        assert steps == sorted(steps)
+        final = json.loads((out / f"runs/{name}/seed-1/progress.json").read_text())
+        assert final["step"] == final["total_steps"] == 20
+        node = next(r["node"]["name"] for r in load_results(out) if r["strategy"] == name)
+        assert f"  {name} seed 1: loading (on {node})" in lines
+        assert any(line.startswith(f"  {name} seed 1: 100% step 20/20,") for line in lines)
+    assert sum("finished" in line for line in lines) == 2
+
+
+@needs_ray
+@pytest.mark.slow
 def test_a_run_that_fails_for_its_own_reason_is_recorded_not_retried(
     two_nodes, tiny_gpt2_dir, tmp_path
 ):

@@ -69,14 +69,14 @@ def test_the_plan_on_a_cpu_and_as_set(monkeypatch):
     assert plan(cfg, 4) == (1, None)
 
 
-def test_the_eta_counts_rounds_of_runs_at_once():
-    from loraplace.study.local import _Progress
+def test_the_eta_counts_rounds_of_runs_at_once(tmp_path):
+    from loraplace.study.display import StudyProgress
 
     lines = []
-    progress = _Progress(5, lines.append)
-    progress.at_once = 3
-    for name in ("a", "b", "c"):
-        progress.begin(name, 42)
-    progress.end("a", 42, 60.0, {"status": "ok"})
-    progress.begin("d", 42)  # four runs left, 60 s each, three at a time: two rounds
+    todo = [{"strategy": {"name": n}, "seed": 42, "run_dir": str(tmp_path / n)} for n in "abcde"]
+    with StudyProgress(todo, tmp_path, lines.append, at_once=3) as progress:
+        for name in ("a", "b", "c"):
+            progress.begin(name, 42)
+        progress.end("a", 42, 60.0, {"status": "ok"})
+        progress.begin("d", 42)  # four runs left, 60 s each, three at a time: two rounds
     assert lines[-1].endswith("ETA 2m00s)")

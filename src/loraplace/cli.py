@@ -2,6 +2,7 @@
 
     loraplace plan --model embedded
     loraplace study --config configs/offline.yaml --out runs/offline
+    loraplace status runs/offline          # while it runs, after it stopped, on a copy
     loraplace report runs/offline
     loraplace advise --model embedded --data ../shared/data/alpaca_head200.json --budget 921600
 
@@ -46,13 +47,16 @@ def cmd_study(args) -> int:
     from loraplace.analysis.report import build
     from loraplace.core.lock import release
     from loraplace.study.runner import run_study
+    from loraplace.study.terminal import Output
 
     cfg = study_config(args)
+    log = Output(quiet=args.quiet).take_terminal()  # in a terminal, all output goes through it
     try:  # run_study takes OUT's lock; the report is built under it too
-        results = run_study(cfg, args.out, log=lambda line: print(line, flush=True))
+        results = run_study(cfg, args.out, log=log)
         paths = build(args.out)
     finally:
         release(args.out)
+        log.close()
     print()
     print(_summary_text(paths["summary.csv"]))
     print(
@@ -97,6 +101,16 @@ def cmd_report(args) -> int:
         paths = build(args.out, args.reference, args.compare, args.smallest_effect)
     print(_summary_text(paths["summary.csv"]))
     print(f"\nreport: {paths['report.html']} and {paths['report.md']}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from loraplace.study.status import read_status, render, watch
+
+    if args.watch:
+        return watch(args.out, args.watch, args.json, sys.stdout)
+    status = read_status(args.out)
+    print(json.dumps(status, indent=1) if args.json else render(status))
     return 0
 
 
@@ -221,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loraplace", description="Where should the LoRA adapters go?"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_plan_parser, _study_parsers, _advise_parser, _report_parser):
+    for add in (_plan_parser, _study_parsers, _advise_parser, _report_parser, _status_parser):
         add(sub)
     return parser
 
@@ -259,6 +273,9 @@ def _study_parsers(sub) -> None:
     add_study_args(p)
     p.add_argument(
         "--out", required=True, help="results folder (finished runs are kept and skipped)"
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="print only each run's start and end, and failures"
     )
     p.set_defaults(func=cmd_study)
 
@@ -333,6 +350,17 @@ def _report_parser(sub) -> None:
         "smallest_effect, else 0.01: 1 %%)",
     )
     p.set_defaults(func=cmd_report)
+
+
+def _status_parser(sub) -> None:
+    p = sub.add_parser("status", help="where a study stands: its runs and when it will end")
+    p.add_argument("out", help="results folder of a study (running, stopped or a copy)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+        help="print it again every SECONDS (2) until the study has ended",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_status)
 
 
 def _resume_hint(args, argv: list[str] | None) -> str:

@@ -16,7 +16,6 @@ import json
 import os
 import queue
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,8 +23,8 @@ from pathlib import Path
 
 from loraplace.config import StudyConfig
 from loraplace.core.results import write_result
-from loraplace.core.timefmt import duration
 from loraplace.study import worker
+from loraplace.study.display import StudyProgress
 from loraplace.study.prepare import Prepared
 from loraplace.study.spec import RunSpec
 
@@ -171,9 +170,14 @@ def run_local(
     todo: list[RunSpec], cfg: StudyConfig, out: Path, log=print, schedule: Schedule = Schedule(1)
 ) -> list[dict]:
     """Run the specs on this machine, each in a process of its own, `schedule.at_once` at a
-    time; on CUDA each run sees one GPU, taken from the schedule's while it runs."""
-    progress = _Progress(len(todo), log)
-    at_once = progress.at_once = max(1, schedule.at_once)
+    time; on CUDA each run sees one GPU, taken from the schedule's while it runs. The study's
+    progress (a live display in a terminal, plain lines elsewhere) follows them."""
+    at_once = max(1, schedule.at_once)
+    with StudyProgress(todo, out, log, at_once) as progress:
+        return _run_local(todo, cfg, out, progress, schedule, at_once)
+
+
+def _run_local(todo, cfg: StudyConfig, out: Path, progress, schedule: Schedule, at_once: int):
     free = queue.SimpleQueue()  # a slot a run holds while it runs: its GPU, or None
     for slot in schedule.gpus or (None,) * at_once:
         free.put(slot)
@@ -190,35 +194,11 @@ def run_local(
     threads = todo[0].threads if todo else None
     each = f", {threads} thread{'s' if threads != 1 else ''} each" if threads else ""
     where = f" on {len(set(schedule.gpus))} GPU, one GPU a run" if schedule.gpus else ""
-    log(f"runs: {at_once} at a time{where or ' on this device'}, each its own process{each}")
+    progress.log(
+        f"runs: {at_once} at a time{where or ' on this device'}, each its own process{each}"
+    )
     with ThreadPoolExecutor(at_once) as pool:
         return list(pool.map(one, todo))
-
-
-class _Progress:
-    """The study's progress lines, from however many runs are going at once."""
-
-    def __init__(self, total: int, log) -> None:
-        self.total, self.log, self.started, self.durations = total, log, time.perf_counter(), []
-        self.count, self.lock, self.at_once = 0, threading.Lock(), 1
-
-    def begin(self, name: str, seed: int) -> None:
-        with self.lock:
-            self.count += 1
-            left = self.total - len(self.durations)
-            rounds = -(-left // self.at_once)  # runs at once end together
-            eta = (f", ETA {duration(sum(self.durations) / len(self.durations) * rounds)}"
-                   if self.durations else "")  # fmt: skip
-            elapsed = duration(time.perf_counter() - self.started)
-            self.log(f"run {self.count}/{self.total}: {name} seed {seed} (elapsed {elapsed}{eta})")
-
-    def end(self, name: str, seed: int, seconds: float, result: dict) -> None:
-        with self.lock:
-            self.durations.append(seconds)
-            status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"
-            resumed = result.get("resumed_from_step")
-            since = f", resumed from step {resumed}" if resumed is not None else ""
-            self.log(f"  {name} seed {seed}: {status} ({duration(seconds)}{since})")
 
 
 def _run_one(
@@ -231,7 +211,7 @@ def _run_one(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "result.json").unlink(missing_ok=True)
     path = spec.with_(runs_at_once=at_once, gpu=gpu).write()
-    env = run_env(cfg, out, f"{name}-seed-{seed}")
+    env = run_env(cfg, out, f"{name}-seed-{seed}") | progress.run_env  # no Trainer bars
     if at_once > 1 and not cfg.threads:  # the cores shared out, not each run taking them all
         env["OMP_NUM_THREADS"] = str(spec.threads or cores_each(at_once))
     if device == "cpu":  # a CPU run sees no GPU, a CUDA run its own one

@@ -35,8 +35,11 @@ from loraplace.config import StudyConfig
 from loraplace.core.errors import UserError
 from loraplace.core.results import run_dir, write_bytes_atomic, write_result
 from loraplace.core.timefmt import duration
+from loraplace.study.display import StudyProgress
 from loraplace.study.local import run_env
+from loraplace.study.ray_progress import LOOK_S, Mail, forwarding
 from loraplace.study.spec import SPEC, RunSpec
+from loraplace.train.progress import FILE as PROGRESS
 
 INSTALL = "pip install 'loraplace[ray]'"
 BASE_EVAL = "base_eval.json"
@@ -192,8 +195,12 @@ def gpu_share_note(gpus: float, need) -> str | None:
     )
 
 
-def train_on_node(spec: RunSpec, study: str, threads: int, data: dict | None = None) -> dict:
-    """(A Ray task, on a node) Train one run in a temporary folder laid out like OUT.
+def train_on_node(
+    spec: RunSpec, study: str, threads: int, data: dict | None = None, box=None,
+    display_env: dict | None = None,
+) -> dict:  # fmt: skip
+    """(A Ray task, on a node) Train one run in a temporary folder laid out like OUT; its
+    progress.json goes to the driver through the mailbox `box` as it changes.
 
     `data`: the study's local data, shipped through the object store (`data_payload`).
     Returns its result (with the node it ran on), every file it made by its path relative to
@@ -219,12 +226,14 @@ def train_on_node(spec: RunSpec, study: str, threads: int, data: dict | None = N
         env = run_env(cfg, root, f"{name}-seed-{seed}")
         env["WANDB_RUN_GROUP"] = os.environ.get("WANDB_RUN_GROUP", study)
         env["OMP_NUM_THREADS"] = str(threads)  # the run sets torch's threads from the spec
+        env |= display_env or {}  # the study's display: no Trainer bars, output to run.log
         import ray
 
         if not ray.get_gpu_ids():  # a run given no GPU sees none
             env["CUDA_VISIBLE_DEVICES"] = ""
         cmd = [sys.executable, "-m", "loraplace.study.ray", str(folder / SPEC)]
-        code = subprocess.run(cmd, env=env, cwd=tmp).returncode
+        with forwarding(box, (name, seed), folder / PROGRESS):
+            code = subprocess.run(cmd, env=env, cwd=tmp).returncode
         result_path = folder / "result.json"
         if not result_path.is_file():
             raise RunProcessDied(
@@ -285,14 +294,17 @@ def run_on_ray(
     `gpu_run`: a GPU run's estimated memory (`plan.memory.RunMemory`), for fractional GPUs."""
     ray = require_ray()
     started_here = connect(ray, cfg)
-    try:
-        return _run(ray, todo, cfg, Path(out), log, gpu_run)
+    try:  # the display reads the progress files the mailbox brings into OUT
+        with StudyProgress(todo, out, log, None, "ray") as progress, Mail(ray, todo) as mail:
+            return _run(ray, todo, cfg, Path(out), progress, mail, gpu_run)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _run(ray, todo: list[RunSpec], cfg: StudyConfig, out: Path, log, gpu_run=None) -> list[dict]:
+def _run(
+    ray, todo: list[RunSpec], cfg: StudyConfig, out: Path, log, mail, gpu_run=None
+) -> list[dict]:
     cpus, gpus = run_resources(ray, cfg)
     threads = cfg.threads or max(1, math.floor(cpus))
     alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -320,23 +332,28 @@ def _run(ray, todo: list[RunSpec], cfg: StudyConfig, out: Path, log, gpu_run=Non
             max_retries=cfg.max_retries,
             retry_exceptions=[RunProcessDied],
             name=f"loraplace:{spec.name}-seed-{spec.seed}",
-        ).remote(spec, study, threads, data)
+        ).remote(spec, study, threads, data, mail.box, log.run_env)
         pending[ref] = spec
     started, results = time.perf_counter(), []
     while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        spec = pending.pop(ref)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=LOOK_S)
+        mail.drain()  # the runs' progress into OUT while they train
+        if not ready:
+            continue
+        spec = pending.pop(ready[0])
         name, seed = spec.name, spec.seed
+        mail.finish((name, seed))
         try:
-            payload = ray.get(ref)
+            payload = ray.get(ready[0])
             result = store(out, spec, payload)
             where = f" on {result['node']['name']} ({result['node']['ip']})"
-            took = f"{duration(payload['wall_s'])}, "
+            took, wall_s = f"{duration(payload['wall_s'])}, ", payload["wall_s"]
         except ray.exceptions.RayError as err:
             result = spec.failed(_reason(err, cfg.max_retries))
             write_result(spec.folder / "result.json", result)
-            where, took = "", ""
+            where, took, wall_s = "", "", None
         results.append(result)
+        log.finished(name, seed, wall_s, result)  # its last progress lines; its row goes
         elapsed = time.perf_counter() - started
         eta = f", ETA {duration(elapsed / len(results) * len(pending))}" if pending else ""
         status = "ok" if result.get("status") == "ok" else f"FAILED: {result.get('error')}"

@@ -53,6 +53,7 @@ from loraplace.train.evaluate import (
     token_weighted,
 )
 from loraplace.train.once import base_evaluation, base_generations
+from loraplace.train.progress import RunProgress, redirect_output
 from loraplace.train.trainer import chunked_trainer, recorder, training_args
 
 
@@ -103,10 +104,15 @@ class Notes(list):
 
 
 class Phases(dict):
-    """Seconds spent in each named part of a run: `with phases("load"): ...`."""
+    """Seconds spent in each named part of a run: `with phases("load"): ...`; `listener`, if
+    set, hears each part begin (the run's progress file)."""
+
+    listener = None
 
     @contextmanager
     def __call__(self, name: str):
+        if self.listener:
+            self.listener(name)
         start = time.perf_counter()
         try:
             yield
@@ -261,6 +267,7 @@ class Run:
         default_factory=lambda: {"eval_s": 0.0, "checkpoint_s": 0.0, "checkpoints": 0}
     )
     released: bool = False  # freed memory goes back to the OS (release_memory)
+    progress: RunProgress | None = None  # progress.json in the run's folder
 
     @property
     def paths(self) -> Paths:
@@ -287,6 +294,7 @@ def train_run(spec: RunSpec) -> dict:
         batching = _batching(cfg, model, tokenizer, run.paths, run.notes)
     eval_head = _eval_head(batching, head)
     evaluate = _evaluator(run, model, sets["eval"], batching["eval_collate"], eval_head)
+    evaluate = run.progress.evaluating(evaluate)  # an epoch's evaluation shows as such
     with run.phases("base_eval"):
         base = base_evaluation(spec, sets["eval"], evaluate, eval_head)
     check_plan(spec, model)
@@ -375,6 +383,8 @@ def _start(spec: RunSpec) -> Run:
     if "lr" in injected:
         cfg = dataclasses.replace(cfg, lr=float(injected["lr"]))
     run = Run(spec, cfg, injected)
+    run.progress = RunProgress.for_spec(spec)
+    run.phases.listener = run.progress.on_phase
     if run.device == "cuda":
         pin_one_gpu(spec.gpu)
     threads = cfg.threads or spec.threads  # the study's share of the cores, if any
@@ -509,7 +519,7 @@ def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
         args=training_args(cfg, run.run_dir, run.spec.seed, run.spec.name, paths, steps),
         train_dataset=train_set,
         data_collator=batching["collate"],
-        callbacks=[guard],
+        callbacks=[guard, run.progress.callback(sum(len(e.input_ids) for e in train_set))],
     )
     if trainer.args.n_gpu > 1:  # DataParallel would split each batch: fewer, larger steps
         raise RuntimeError(
@@ -604,6 +614,7 @@ def pin_one_gpu(gpu: str | None) -> None:
 def run_spec_file(spec_path: Path) -> int:
     """Run the spec and write result.json atomically, status ok or failed with its reason."""
     spec = RunSpec.read(spec_path)
+    redirect_output(spec_path.parent)  # where the study draws a live display
     result = spec.failed(None) | {
         "process": os.getpid(),
         "parent_process": os.getppid(),  # the study, or the server that forked this run

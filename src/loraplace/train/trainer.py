@@ -5,8 +5,6 @@ and stops on NaN, and the Trainer that runs a step's packed chunks one at a time
 from __future__ import annotations
 
 import math
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ import torch
 from loraplace.config import StudyConfig
 from loraplace.fast.hardware import Paths
 from loraplace.train.evaluate import token_weighted
+from loraplace.train.progress import trainer_bars
 
 # An fp16 run's loss scale below this means its gradients overflowed at 17 or more steps in a
 # row more than they fit (GradScaler starts at 2**16 and halves at each overflow): diverged.
@@ -151,5 +150,5 @@ def training_args(
         use_liger_kernel=paths.liger,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty() and not os.environ.get("LORAPLACE_PROGRESS"),
+        disable_tqdm=not trainer_bars(),  # a study shows its runs' progress itself
     )
