@@ -428,7 +428,7 @@ def dry_plan(args, root: Path) -> Plan:
         "train_split": "train[:8]",
         "eval_split": "train[100:104]",
         "epochs": 1,
-        "sets": ["device=cpu", "max_length=64"],
+        "sets": ["device=cpu", "max_length=64", "loss_on=all"],  # a character a token
     }
     notes = ["dry run: tiny random models on the CPU; these numbers say nothing about speed"]
     return Plan("cpu", models, 2, 32, 1, 3, study, ("full",), args.budget_s, notes)

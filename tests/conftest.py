@@ -111,7 +111,7 @@ def tiny_study(tiny_gpt2_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-study") / "out"
     argv = ["study", "--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD), "--train-split", "train[:8]",
             "--eval-split", "train[100:106]", "--epochs", "1", "--strategy", "full", "--strategy", "attention",
-            "--strategy", "ffn", "--seed", "1", "--seed", "2", "--set", "max_length=64", "--set", "generations=2",
+            "--strategy", "ffn", "--seed", "1", "--seed", "2", "--set", "max_length=64", "--set", "loss_on=all", "--set", "generations=2",
             "--set", "max_new_tokens=4", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     return out

@@ -129,7 +129,7 @@ def test_rank_syntax_round_trips():
 
 def test_advise_recommendation_round_trips_through_plan(tiny_gpt2_dir, capsys):
     argv = ["advise", "--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD), "--train-split",
-            "train[:8]", "--max-length", "64", "--budget", "6000", "--json"]  # fmt: skip
+            "train[:8]", "--max-length", "64", "--loss-on", "all", "--budget", "6000", "--json"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["best_by_score"]) == {"grad", "lora_b", "plop", "params"}
@@ -146,7 +146,7 @@ def test_advise_recommendation_round_trips_through_plan(tiny_gpt2_dir, capsys):
 
 def test_advise_text_names_the_recommendation(tiny_gpt2_dir, capsys):
     argv = ["advise", "--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD), "--train-split",
-            "train[:4]", "--max-length", "32", "--score", "plop"]  # fmt: skip
+            "train[:4]", "--max-length", "32", "--loss-on", "all", "--score", "plop"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "recommended by plop" in out and "--strategy '" in out and "peak memory" in out
@@ -289,7 +289,7 @@ def test_validate_end_to_end_on_a_tiny_model(tiny_gpt2_dir, tmp_path, capsys):
     argv = ["advise", "--validate", "--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD),
             "--train-split", "train[:4]", "--eval-split", "train[100:104]", "--epochs", "1",
             "--seed", "1", "--seed", "2", "--examples", "4", "--candidates", "full,attention,ffn",
-            "--max-length", "32", "--set", "generations=0", "--rank", "4",
+            "--max-length", "32", "--loss-on", "all", "--set", "generations=0", "--rank", "4",
             "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out

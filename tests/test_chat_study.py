@@ -125,10 +125,8 @@ def test_the_chat_config_is_the_offline_study_through_the_chat_template():
 
     offline = load_config(str(REPO / "configs" / "offline.yaml")).to_dict()
     chat = load_config(str(REPO / "configs" / "offline-chat.yaml")).to_dict()
-    assert {k: v for k, v in chat.items() if offline[k] != v} == {
-        "data_format": "messages",
-        "loss_on": "response",
-    }
+    # the same study but for the records' format (both learn the response: the default)
+    assert {k: v for k, v in chat.items() if offline[k] != v} == {"data_format": "messages"}
 
 
 def test_plan_reads_the_chat_config(capsys):

@@ -10,6 +10,7 @@ from bench import main as bench_main
 from conftest import ALPACA_HEAD
 
 from loraplace.config import StudyConfig
+from loraplace.core.results import summary_rows
 from loraplace.fast.hardware import Machine
 from loraplace.study.prepare import spec_for
 from loraplace.train.run import train_run
@@ -27,6 +28,17 @@ def test_a_few_steps_on_the_embedded_model(tmp_path):
     assert 0.3 < m["eval_loss"] < 5 and 0.3 < m["base_eval_loss"] < 5
     assert math.isclose(m["perplexity"], math.exp(m["eval_loss"]))
     assert len(result["per_example"]["loss"]) == 2 and result["generations"][0]["base"]
+    # the task metric: a greedy answer to each evaluation row against its reference
+    assert set(result["task"]) == {"rouge_l", "exact_match"} and "task" in result["phases_s"]
+    assert len(result["task"]["rouge_l"]) == 2 and all(
+        0 <= v <= 1 for v in result["task"]["rouge_l"]
+    )
+    # the response's loss (the default) and the seed's all-token loss beside it
+    (row,) = summary_rows([result | {"strategy": "attention", "seed": 42, "status": "ok"}])
+    assert (
+        math.isfinite(row["eval_loss_all_tokens"]) and row["eval_loss_all_tokens"] != m["eval_loss"]
+    )
+    assert sum(result["per_example"]["all_tokens"]) > sum(result["per_example"]["tokens"])
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     here = Machine.here()
     low = "bfloat16" if here.native_bf16 and here.bf16_products else "float32"  # auto
@@ -37,7 +49,7 @@ def test_bench_runs_both_paths_side_by_side(tiny_gpt2_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     argv = ["--model", str(tiny_gpt2_dir), "--data", str(ALPACA_HEAD), "--train-split", "train[:8]",
             "--eval-split", "train[100:104]", "--epochs", "1", "--strategy", "full", "--strategy", "attention",
-            "--set", "max_length=64", "--out", str(out)]  # fmt: skip
+            "--set", "max_length=64", "--set", "loss_on=all", "--out", str(out)]  # fmt: skip
     assert bench_main(argv) == 0
     report = json.loads((out / "bench.json").read_text())
     assert [r["strategy"] for r in report["rows"]] == ["full", "attention"]

@@ -36,6 +36,8 @@ ARGS = [
     "--set",
     "max_length=64",
     "--set",
+    "loss_on=all",
+    "--set",
     "generations=0",
     "--set",
     "threads=1",

@@ -227,7 +227,7 @@ def test_a_run_that_sees_several_gpus_refuses_to_train_with_a_changed_batch(
     from loraplace.train import run as train
 
     cfg = StudyConfig(model=str(tiny_gpt2_dir), data=str(ALPACA_HEAD), train_split="train[:4]",
-                      eval_split="train[100:102]", epochs=1, max_length=32, generations=0,
+                      eval_split="train[100:102]", epochs=1, max_length=32, generations=0, loss_on="all",
                       strategies=["full"])  # fmt: skip
     spec = spec_for(cfg, "full", 1, tmp_path / "run")
     monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 8))
@@ -327,7 +327,9 @@ def test_on_a_gpu_the_guard_reads_no_gradient_at_each_step():
 # --- 5. load in the run's precision; memory ------------------------------------------------------
 
 
-def test_a_base_loads_straight_in_the_runs_precision_and_onto_its_device(monkeypatch):
+def test_a_base_loads_straight_in_the_runs_precision_and_onto_its_device(
+    monkeypatch, tiny_gpt2_dir
+):
     from transformers import AutoModelForCausalLM
 
     from loraplace.plan.models import resolve_model
@@ -340,10 +342,11 @@ def test_a_base_loads_straight_in_the_runs_precision_and_onto_its_device(monkeyp
         return tiny_model("llama").to(kwargs["dtype"])
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
-    model, _ = load.load_model(resolve_model(str(DIALOGPT)), torch.bfloat16, "none", "cuda", "sdpa")
+    model, _ = load.load_model(resolve_model(str(tiny_gpt2_dir)), torch.bfloat16, "none", "cuda",
+                               "sdpa")  # fmt: skip
     assert asked[-1]["dtype"] == torch.bfloat16 and asked[-1]["device_map"] == {"": "cuda"}
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # never 4 bytes a weight
-    load.load_model(resolve_model(str(DIALOGPT)), torch.float32, "none", "cpu")
+    load.load_model(resolve_model(str(tiny_gpt2_dir)), torch.float32, "none", "cpu")
     assert "device_map" not in asked[-1]  # the CPU path as it was
 
 

@@ -164,7 +164,7 @@ def _study(capsys, model_dir, out, *extra) -> tuple[int, str]:
 
     argv = ["study", "--model", str(model_dir), "--data", str(ALPACA_HEAD), "--train-split",
             "train[:4]", "--eval-split", "train[100:102]", "--epochs", "1", "--strategy",
-            "full", "--set", "max_length=32", "--set", "generations=0", "--out", str(out),
+            "full", "--set", "max_length=32", "--set", "loss_on=all", "--set", "generations=0", "--out", str(out),
             *extra]  # fmt: skip
     code = main(argv)
     return code, capsys.readouterr().err
@@ -226,7 +226,7 @@ def test_a_path_that_fails_its_check_falls_back_and_says_so(
 
     monkeypatch.setattr(train, "packing_is_exact", _never_exact)
     cfg = StudyConfig(model=str(tiny_gpt2_dir), data=str(ALPACA_HEAD), train_split="train[:4]",
-                      eval_split="train[100:102]", epochs=1, max_length=32, generations=0,
+                      eval_split="train[100:102]", epochs=1, max_length=32, generations=0, loss_on="all",
                       strategies=["full"])  # fmt: skip
     result = train.train_run(spec_for(cfg, "full", 1, tmp_path / "run"))
     assert result["packed"] is False and result["packed_eval"] is False

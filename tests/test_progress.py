@@ -16,15 +16,15 @@ import pytest
 from conftest import ALPACA_HEAD, REPO
 
 from loraplace.config import load_config
-from loraplace.plan.strategies import BUILTINS, to_dict
 from loraplace.study.display import event_line
+from loraplace.study.prepare import spec_for
 from loraplace.study.runner import run_study
 from loraplace.study.status import study_eta
 from loraplace.study.terminal import Output, Region
 from loraplace.train.progress import RunProgress
 from loraplace.train.run import train_run
 
-SETS = ["max_length=64", "generations=0", "report_to=[]", "threads=1"]
+SETS = ["max_length=64", "loss_on=all", "generations=0", "report_to=[]", "threads=1"]
 
 
 def config(model_dir, *sets: str, **overrides):
@@ -34,13 +34,7 @@ def config(model_dir, *sets: str, **overrides):
 
 
 def test_a_run_writes_its_phases_and_every_tenth_of_its_steps(tiny_gpt2_dir, tmp_path):
-    spec = {
-        "config": config(tiny_gpt2_dir).to_dict(),
-        "strategy": to_dict(BUILTINS["full"]),
-        "seed": 42,
-        "run_dir": str(tmp_path / "run"),
-    }
-    result = train_run(spec)
+    result = train_run(spec_for(config(tiny_gpt2_dir), "full", 42, tmp_path / "run"))
     progress = json.loads((tmp_path / "run/progress.json").read_text())
     events = progress["events"]
     phases = [e["phase"] for e in events if "phase" in e]
@@ -224,7 +218,7 @@ def test_in_a_terminal_three_runs_at_once_share_one_display_and_never_interleave
             "--data", str(ALPACA_HEAD), "--train-split", "train[:80]", "--eval-split",
             "train[100:104]", "--epochs", "1", "--strategy", "full", "--strategy", "attention",
             "--strategy", "ffn", "--out", str(out), "--set", "runs_per_device=3",
-            *[a for s in ["max_length=64", "generations=1", "max_new_tokens=4", "report_to=[]"]
+            *[a for s in ["max_length=64", "loss_on=all", "generations=1", "max_new_tokens=4", "report_to=[]"]
               for a in ("--set", s)]]  # fmt: skip
     env = os.environ | {"TERM": "xterm", "COLUMNS": "120", "LINES": "30",
                         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}  # fmt: skip

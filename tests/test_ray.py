@@ -43,7 +43,14 @@ SETTINGS = {
     "seeds": [1],
 }
 # one thread a run, on both executors: two would wait on each other on a busy 2-core machine
-SETS = ["max_length=64", "generations=1", "max_new_tokens=4", "report_to=[]", "threads=1"]
+SETS = [
+    "max_length=64",
+    "loss_on=all",
+    "generations=1",
+    "max_new_tokens=4",
+    "report_to=[]",
+    "threads=1",
+]
 CLI_ARGS = ["--data", str(ALPACA_HEAD), "--train-split", "train[:8]", "--eval-split", "train[100:104]",
             "--epochs", "1", "--strategy", "full", "--strategy", "attention", "--seed", "1",
             *[a for s in SETS for a in ("--set", s)]]  # fmt: skip

@@ -22,9 +22,15 @@ def test_study_writes_aggregate_comparisons_and_report(tiny_study):
     assert (agg["eval_loss_ci_low"] <= agg["eval_loss_mean"]).all() and (
         agg["eval_loss_mean"] <= agg["eval_loss_ci_high"]
     ).all()
-    comparisons = pd.read_csv(tiny_study / "comparisons.csv")
-    assert list(comparisons.columns) == list(COMPARISON_COLUMNS)
-    assert len(comparisons) == 3 and (comparisons["metric"] == "eval_loss").all()
+    found = pd.read_csv(tiny_study / "comparisons.csv")
+    assert list(found.columns) == list(COMPARISON_COLUMNS)
+    # every metric the runs have, the same three pairs each: loss and the task metrics
+    assert found.groupby("metric", sort=False).size().to_dict() == {
+        "eval_loss": 3,
+        "rouge_l": 3,
+        "exact_match": 3,
+    }
+    comparisons = found[found["metric"] == "eval_loss"]
     assert (comparisons["n_examples"] == 6).all()
     assert (comparisons["seeds_a"] == 2).all() and (comparisons["seeds_b"] == 2).all()
     # the test is on the table's quantity: the difference of the strategies' mean eval loss
@@ -89,6 +95,7 @@ def test_report_rebuilds_from_old_and_failed_results(tiny_study, tmp_path, capsy
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 5 and list(summary["status"]).count("failed") == 1
     comparisons = pd.read_csv(out / "comparisons.csv")
+    comparisons = comparisons[comparisons["metric"] == "eval_loss"]
     # every run with per-example losses counts: attention has seed 2 alone, ffn and full seed 1
     assert comparisons[["strategy_a", "strategy_b", "seeds_a", "seeds_b"]].values.tolist() == [
         ["full", "attention", 1, 1],

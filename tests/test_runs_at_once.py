@@ -70,10 +70,12 @@ def test_the_plan_on_a_cpu_and_as_set(monkeypatch):
 
 
 def test_the_eta_counts_rounds_of_runs_at_once(tmp_path):
+    from types import SimpleNamespace
+
     from loraplace.study.display import StudyProgress
 
     lines = []
-    todo = [{"strategy": {"name": n}, "seed": 42, "run_dir": str(tmp_path / n)} for n in "abcde"]
+    todo = [SimpleNamespace(name=n, seed=42, folder=tmp_path / n) for n in "abcde"]
     with StudyProgress(todo, tmp_path, lines.append, at_once=3) as progress:
         for name in ("a", "b", "c"):
             progress.begin(name, 42)

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from loraplace.analysis.stats import aggregate, holm, t_interval
+from loraplace.analysis.stats import DEFAULT_METRICS, aggregate, holm, t_interval
 
 
 def test_t_interval_matches_scipy():
@@ -71,7 +71,7 @@ def test_aggregate_without_status_counts_all_rows_and_default_metrics():
     assert table.loc[0, "perplexity_mean"] == pytest.approx(4.0)
     assert table.loc[0, "train_time_s_std"] == 0.0
     assert table.loc[0, "train_time_s_ci_low"] == table.loc[0, "train_time_s_ci_high"] == 10.0
-    assert len(table.columns) == 2 + 4 * 4
+    assert len(table.columns) == 2 + 4 * len(DEFAULT_METRICS)
 
 
 def test_holm_hand_computed():

@@ -136,7 +136,7 @@ def test_a_folder_that_is_no_study_is_one_sentence(tmp_path, capsys):
 
 ARGS = ["--data", str(ALPACA_HEAD), "--train-split", "train[:160]", "--eval-split",
         "train[180:184]", "--epochs", "2", "--strategy", "full", "--strategy", "attention",
-        *[a for s in ["max_length=64", "generations=0", "report_to=[]", "threads=1",
+        *[a for s in ["max_length=64", "loss_on=all", "generations=0", "report_to=[]", "threads=1",
                       "runs_per_device=1"] for a in ("--set", s)]]  # fmt: skip
 
 

@@ -32,6 +32,8 @@ TINY_ARGS = [
     "--set",
     "max_length=64",
     "--set",
+    "loss_on=all",  # the tiny tokenizer is a character a token: the prompt fills max_length
+    "--set",
     "generations=1",
     "--set",
     "max_new_tokens=4",
@@ -107,6 +109,7 @@ def _spec(model_dir, tmp_path, strategy="full", base_eval=None, **overrides):
         "eval_split": "train[100:104]",
         "epochs": 2,
         "max_length": 64,
+        "loss_on": "all",
         "generations": 0,
     }
     cfg = StudyConfig(**(settings | {"strategies": [strategy]} | overrides))

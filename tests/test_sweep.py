@@ -16,7 +16,8 @@ from loraplace.study.sweep import choose, dev_splits
 
 ARGS = ["--data", str(ALPACA_HEAD), "--train-split", "train[:10]", "--eval-split",
         "train[100:104]", "--epochs", "1", "--strategy", "full", "--strategy", "attention",
-        "--seed", "1", "--seed", "2", "--set", "max_length=48", "--set", "generations=0"]  # fmt: skip
+        "--seed", "1", "--seed", "2", "--set", "max_length=48", "--set", "loss_on=all",
+        "--set", "generations=0"]  # fmt: skip
 
 
 def test_the_development_rows_are_the_training_rows_last_fifth_or_as_set():

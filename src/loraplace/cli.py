@@ -47,12 +47,13 @@ def cmd_study(args) -> int:
     from loraplace.analysis.report import build
     from loraplace.core.lock import release
     from loraplace.study.runner import run_study
+    from loraplace.study.sweep import run_sweep_study
     from loraplace.study.terminal import Output
 
     cfg = study_config(args)
     log = Output(quiet=args.quiet).take_terminal()  # in a terminal, all output goes through it
     try:  # run_study takes OUT's lock; the report is built under it too
-        results = run_study(cfg, args.out, log=log)
+        results = (run_sweep_study if cfg.lr_sweep else run_study)(cfg, args.out, log=log)
         paths = build(args.out)
     finally:
         release(args.out)

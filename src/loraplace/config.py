@@ -77,7 +77,10 @@ class StudyConfig:
         "auto", "data", "conversations' template: auto, the model's own, or a Jinja file"
     )
     loss_on: Literal["all", "response"] = setting(
-        "all", "data", "the loss over every token after the first, or the response's only"
+        "response",
+        "data",
+        "the loss over the response (assistant turns, completion) only, "
+        "or over every token after the first as the seed's (reported beside it either way)",
     )
     trust_remote_code: bool = setting(False, "data", "let a hub model run its own code")
     # --- lora ---
@@ -302,7 +305,16 @@ class StudyConfig:
         "all", "report", "all pairs, or each against the reference", run=False
     )
     generations: int = setting(3, "report", "evaluation prompts the report shows generated")
-    max_new_tokens: int = setting(48, "report", "tokens a generation")
+    max_new_tokens: int = setting(
+        48, "report", "tokens a generation (the task metric's cap too)", check="positive"
+    )
+    task_metrics: list[Literal["rouge_l", "exact_match"]] = setting(
+        group="report",
+        doc="greedy answers to every evaluation row scored against its "
+        "reference, per example (train/task.py); [] for none",
+        factory=lambda: ["rouge_l", "exact_match"],
+    )
+    task_batch_size: int = setting(8, "report", "prompts generated together", check="positive")
     report_to: list[Literal["wandb", "tensorboard"]] = setting(
         group="report", doc="loggers: wandb, tensorboard", factory=list, run=False
     )

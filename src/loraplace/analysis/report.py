@@ -395,6 +395,9 @@ RESULT_COLUMNS = [
     "eval_loss_ci_low",
     "eval_loss_ci_high",
     "perplexity_mean",
+    "eval_loss_all_tokens_mean",
+    "rouge_l_mean",
+    "exact_match_mean",
     "train_time_s_mean",
     "peak_memory_mb_mean",
 ]

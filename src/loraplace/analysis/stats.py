@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-DEFAULT_METRICS = ("eval_loss", "perplexity", "train_time_s", "peak_memory_mb")
+DEFAULT_METRICS = ("eval_loss", "perplexity", "train_time_s", "peak_memory_mb",
+                   "eval_loss_all_tokens", "rouge_l", "exact_match")  # fmt: skip
 
 
 def t_interval(

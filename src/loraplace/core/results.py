@@ -21,6 +21,7 @@ SUMMARY_COLUMNS = [
     "strategy", "seed", "status", "eval_loss", "perplexity", "base_eval_loss",
     "relative_performance_pct", "trainable_params", "param_reduction_pct", "train_time_s",
     "peak_memory_mb", "tokens_per_s", "efficiency_ratio", "time_efficiency",
+    "eval_loss_all_tokens", "rouge_l", "exact_match",
 ]  # fmt: skip
 PACKAGES = (
     "loraplace",
@@ -244,5 +245,18 @@ def summary_rows(results: list[dict], reference: str = "full") -> list[dict]:
                 # eval loss lost per million parameters saved (nan where nothing is saved)
                 row["efficiency_ratio"] = loss_gap / (saved / 1e6) if saved else math.nan
             row["time_efficiency"] = (m["base_eval_loss"] - m["eval_loss"]) / m["train_time_s"]
+            row |= _extra_metrics(r)
         rows.append({k: _nan_if_none(v) for k, v in row.items()})
     return rows
+
+
+def _extra_metrics(result: dict) -> dict:
+    """The all-token eval loss (the seed's, token-weighted) and each task metric's mean over
+    the examples that have it; NaN where a result has none."""
+    found = result.get("per_example") or {}
+    sums, tokens = found.get("all_tokens_loss_sum"), found.get("all_tokens")
+    row = {"eval_loss_all_tokens": sum(sums) / sum(tokens) if sums and sum(tokens) else math.nan}
+    for name in ("rouge_l", "exact_match"):
+        values = [v for v in (result.get("task") or {}).get(name) or [] if not math.isnan(v)]
+        row[name] = sum(values) / len(values) if values else math.nan
+    return row

@@ -165,6 +165,11 @@ def load_tokenizer(source: ModelSource):
 
     path, kwargs = pretrained_args(source)
     tokenizer = hub_call(source, AutoTokenizer.from_pretrained, path, **kwargs)
+    if len(tokenizer) <= 1:  # transformers makes an empty one where the files are missing
+        raise UserError(
+            f"model {source.spec!r} has no tokenizer (its folder holds no tokenizer files); "
+            "save the tokenizer beside the weights"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -68,10 +68,10 @@ def prepare(cfg: StudyConfig, products: bool = True) -> Prepared:
             )
         strategies = equalize(modules, strategies, cfg.equal_budget, cfg.rank)
     plans = {s.name: place(modules, s, cfg.rank, cfg.bias).plan() for s in strategies}
+    gpu_run = gpu_run_memory(cfg, paths, shape_of(meta, modules), plans)
     check_data(cfg)
     shapes = _shapes(modules, meta)
     base_mb = sum(p.numel() for p in meta.parameters()) * 4 / 2**20
-    gpu_run = gpu_run_memory(cfg, paths, shape_of(meta, modules), plans)
     found = measure_products(cfg, paths, shapes, cfg.threads) if products and paths else {}
     return Prepared(strategies, paths, found, plans, shapes, base_mb, gpu_run)
 

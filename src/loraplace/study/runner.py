@@ -60,11 +60,8 @@ def run_study(
     cfg: StudyConfig, out: Path, log=print, lr_by_strategy: dict[str, float] | None = None
 ) -> list[dict]:
     """Run every missing (strategy, seed); return all results found under OUT.
-    `lr_by_strategy`: a strategy's own learning rate (an lr sweep's picks), else the config's."""
-    if cfg.lr_sweep:
-        from loraplace.study.sweep import run_sweep_study
-
-        return run_sweep_study(cfg, out, log)
+    `lr_by_strategy`: a strategy's own learning rate (an lr sweep's picks), else the config's.
+    A config's `lr_sweep` is `study.sweep.run_sweep_study`'s, which runs this three times."""
     out = Path(out)
     if cfg.executor == "ray":  # before anything is written: is Ray installed?
         from loraplace.study.ray import require_ray

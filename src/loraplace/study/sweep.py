@@ -69,7 +69,8 @@ def _overlap(a: slice, b: slice) -> bool:
 
 def sweep_config(cfg: StudyConfig, lr: float, train: str, dev: str) -> StudyConfig:
     return dataclasses.replace(cfg, lr=lr, seeds=cfg.seeds[:1], train_split=train,
-                               eval_split=dev, lr_sweep=[], generations=0)  # fmt: skip
+                               eval_split=dev, lr_sweep=[], generations=0,
+                               task_metrics=[])  # picked on loss alone  # fmt: skip
 
 
 def choose(results: list[dict]) -> dict:

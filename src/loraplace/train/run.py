@@ -147,6 +147,9 @@ def _load(cfg: StudyConfig, paths: Paths):
         "eval": load_rows(cfg.data, cfg.eval_split, cfg.data_format),
     }
     sets = {k: tokenize(v, tokenizer, cfg.max_length, cfg.loss_on) for k, v in rows.items()}
+    every = tokenize(rows["eval"], tokenizer, cfg.max_length, "all")
+    if any(a.labels != b.labels for a, b in zip(every, sets["eval"], strict=True)):
+        sets["eval_all"] = every  # the seed's all-token loss, reported beside the response's
     return model, tokenizer, rows, sets
 
 
@@ -302,20 +305,25 @@ def train_run(spec: RunSpec) -> dict:
     with run.phases("attach"):
         model, taken = _adapt(run, model, products, batching["packed"], head)
     # conversations: rendered by the chat template up to their last assistant turn
-    asked = [r for r in rows["eval"][: cfg.generations] if generation_prompt(r, tokenizer)]
-    prompts = [generation_prompt(r, tokenizer) for r in asked]
+    asked = [r for r in rows["eval"] if generation_prompt(r, tokenizer)]
+    answerable = asked if cfg.task_metrics else asked[: cfg.generations]
+    prompts = [generation_prompt(r, tokenizer) for r in answerable]
+    shown = prompts[: cfg.generations]
 
     def untrained() -> list[str]:
         with model.disable_adapter():
-            return _generations(run, model, tokenizer, prompts)
+            return _generations(run, model, tokenizer, shown)
 
     # where another run is making them, they are read after training instead of waited for
-    base_texts = base_generations(spec, prompts, untrained, wait=False)
+    base_texts = base_generations(spec, shown, untrained, wait=False)
     trainer, resume, curves = _trainer(run, model, sets["train"], batching, taken, evaluate)
     train_time_s = _train(run, trainer, resume)
     if base_texts is None:
-        base_texts = base_generations(spec, prompts, untrained)
+        base_texts = base_generations(spec, shown, untrained)
     per_example = curves.pop("last_eval") or evaluate()
+    all_tokens = per_example  # the seed's all-token loss: the same, or one more pass
+    if "eval_all" in sets:
+        all_tokens = _evaluator(run, model, sets["eval_all"], batching["eval_collate"], eval_head)()
     eval_loss = token_weighted(per_example)
     if not math.isfinite(eval_loss):
         raise FloatingPointError(f"eval loss is {eval_loss}")
@@ -324,7 +332,7 @@ def train_run(spec: RunSpec) -> dict:
             run.run_dir / "adapter",
             lambda d: model.save_pretrained(str(d), safe_serialization=True),
         )
-    generations = _generations(run, model, tokenizer, prompts)
+    answers = _generations(run, model, tokenizer, prompts, "task" if cfg.task_metrics else None)
     trained_tokens = sum(len(e.input_ids) for e in sets["train"]) * cfg.epochs
     return {
         "metrics": {
@@ -340,12 +348,13 @@ def train_run(spec: RunSpec) -> dict:
             "checkpoint_s": run.timing["checkpoint_s"],
         },
         "resumed_from_step": resume.step if resume else None,
-        **_losses(per_example, base),
+        **_losses(per_example, base, all_tokens),
+        "task": _task_scores(cfg, rows["eval"], asked, answers),
         "curves": curves,
         "placement": spec.plan.record,
         "generations": [
             {"prompt": p, "reference": reference(r), "base": b, "adapted": g}
-            for p, r, b, g in zip(prompts, asked, base_texts, generations, strict=True)
+            for p, r, b, g in zip(shown, asked, base_texts, answers, strict=False)
         ],
         "data": _data_record(cfg, rows, per_example),
         **_paths_taken(run, products, batching, taken, eval_head),
@@ -353,17 +362,32 @@ def train_run(spec: RunSpec) -> dict:
     }
 
 
-def _losses(per_example: list, base: list) -> dict:
+def _losses(per_example: list, base: list, all_tokens: list) -> dict:
     """Per-example losses after training (sums and token counts, for paired statistics) and
-    of the untrained model."""
+    of the untrained model; the all-token loss (the seed's) beside a response-only one."""
     return {
         "per_example": {
             "loss_sum": [s for s, _ in per_example],
             "tokens": [n for _, n in per_example],
             "loss": example_means(per_example),
+            "all_tokens_loss_sum": [s for s, _ in all_tokens],
+            "all_tokens": [n for _, n in all_tokens],
         },
         "base_per_example": {"loss": example_means(base)},
     }
+
+
+def _task_scores(cfg: StudyConfig, eval_rows, asked: list, answers: list[str]) -> dict:
+    """{metric: [score per evaluation example]} (NaN for a row with no prompt or reference);
+    {} without task metrics."""
+    from loraplace.train.task import score
+
+    if not cfg.task_metrics:
+        return {}
+    by_row = {id(r): a for r, a in zip(asked, answers, strict=True)}
+    found = [by_row.get(id(r)) for r in eval_rows]
+    refs = [reference(r) if a is not None else None for r, a in zip(eval_rows, found, strict=True)]
+    return score([a or "" for a in found], refs, tuple(cfg.task_metrics))
 
 
 def _data_record(cfg: StudyConfig, rows: dict, per_example: list) -> dict:
@@ -484,13 +508,22 @@ def liger_applies(model) -> bool:
     return model.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
-def _generations(run: Run, model, tokenizer, prompts: list[str]) -> list[str]:
+def _generations(
+    run: Run, model, tokenizer, prompts: list[str], phase: str | None = None
+) -> list[str]:
+    """Greedy continuations of the prompts, `task_batch_size` at a time, timed as `phase`."""
     if not prompts:
         return []
-    with run.phases("generations"), autocast(run.paths):
-        return greedy_generations(
-            model, tokenizer, prompts, run.cfg.max_new_tokens, run.device, run.cfg.max_length
-        )
+    cfg = run.cfg
+    with run.phases(phase or "generations"), autocast(run.paths):
+        return [
+            text
+            for start in range(0, len(prompts), cfg.task_batch_size)
+            for text in greedy_generations(
+                model, tokenizer, prompts[start : start + cfg.task_batch_size],
+                cfg.max_new_tokens, run.device, cfg.max_length,
+            )
+        ]  # fmt: skip
 
 
 def _trainer(run: Run, model, train_set, batching: dict, taken: dict, evaluate):
