@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pandas as pd
 import pytest
+from synthetic import losses
 
 from loraplace.analysis.answer import LEVELS, headline, headline_sentences
 from loraplace.analysis.compare import ADAPTERS, TWO_LEVEL, compare
@@ -17,24 +17,11 @@ from loraplace.analysis.metrics import METRICS, PerExample
 LOSS, ROUGE = METRICS[0], METRICS[1]
 
 
-def _values(shifts, seeds, seed_sd, rng, examples=40):
-    rng = np.random.default_rng(rng)
-    difficulty = 2 + 0.4 * rng.standard_normal(examples)
-    return {
-        name: difficulty
-        + shift
-        + 0.05 * rng.standard_normal(examples)
-        + seed_sd * rng.standard_normal((seeds[name], 1))
-        + 0.02 * rng.standard_normal((seeds[name], examples))
-        for name, shift in shifts.items()
-    }
-
-
 def _study(shifts, seeds, seed_sd=0.005, rng=0, metrics=(LOSS,)):
     """(aggregate table, comparisons) of a synthetic study."""
     comparisons = []
     for i, metric in enumerate(metrics):
-        values = _values(shifts, seeds, seed_sd, rng + i)
+        values = losses(shifts, seeds, 40, seed_sd, rng + i)
         if not metric.lower_is_better:
             values = {s: 1 - v / 4 for s, v in values.items()}  # a score: higher is better
         found = PerExample(metric, values, {s: list(range(k)) for s, k in seeds.items()}, None, 0)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import losses
 
 from loraplace.analysis import levels
 from loraplace.analysis.compare import COMPARISON_COLUMNS, compare
@@ -20,19 +21,7 @@ LOSS, ROUGE = METRICS[0], METRICS[1]
 
 
 def study(shifts: dict[str, float], seeds: dict[str, int], examples=30, seed_sd=0.01, rng=0):
-    """Per-example losses: shared difficulty, strategy x example SD 0.05, seed SD seed_sd,
-    residual SD 0.02; `shifts` moves a strategy's every example."""
-    rng = np.random.default_rng(rng)
-    difficulty = 2 + 0.4 * rng.standard_normal(examples)
-    values = {
-        name: difficulty
-        + shift
-        + 0.05 * rng.standard_normal(examples)
-        + seed_sd * rng.standard_normal((seeds[name], 1))
-        + 0.02 * rng.standard_normal((seeds[name], examples))
-        for name, shift in shifts.items()
-    }
-    return values
+    return losses(shifts, seeds, examples, seed_sd, rng)
 
 
 def found(values, metric=LOSS, weights=None) -> PerExample:
