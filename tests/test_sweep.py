@@ -69,3 +69,12 @@ def test_a_sweep_study_runs_at_the_shared_and_at_the_picked_rates(capsys, tiny_g
     assert "At the shared rate (0.0002):" in report and "At each strategy's own rate" in report
     assert "with seed 1 on train[0:8]" in report
     assert (out / "tuned" / "report.md").is_file()
+    # `status` goes through the three studies in the order they ran
+    from loraplace.study.status import study_parts
+
+    parts = [p.relative_to(out).as_posix() for p in study_parts(out)]
+    assert parts == ["sweep/lr-0.0001", "sweep/lr-0.03", ".", "tuned"]
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.count(": finished") == 4 and "lr-0.03: finished" in shown

@@ -106,12 +106,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from loraplace.study.status import read_status, render, watch
+    from loraplace.study.status import read_status, render, study_parts, watch
 
-    if args.watch:
+    parts = study_parts(args.out)  # a study with --lr-sweep is three studies: each in turn
+    if args.watch and len(parts) == 1:
         return watch(args.out, args.watch, args.json, sys.stdout)
-    status = read_status(args.out)
-    print(json.dumps(status, indent=1) if args.json else render(status))
+    found = [read_status(part) for part in parts]
+    if args.json:
+        print(json.dumps(found[0] if len(found) == 1 else {"parts": found}, indent=1))
+    else:
+        print("\n\n".join(render(status) for status in found))
     return 0
 
 

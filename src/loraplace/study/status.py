@@ -186,6 +186,18 @@ def run_row(key: tuple[str, int], reader: Reader, study: dict, running: bool, no
     return row
 
 
+def study_parts(out: Path) -> list[Path]:
+    """The study folders `out` holds: itself; with an lr sweep (study/sweep.py) its sweep's
+    studies, itself (the shared rate) and its tuned study, in the order they run, where
+    begun."""
+    out = Path(out)
+    sweep = sorted((out / "sweep").glob("lr-*"), key=lambda p: float(p.name[3:]))
+    if not sweep:
+        return [out]
+    parts = [*sweep, out, out / "tuned"]
+    return [p for p in parts if (p / "config.yaml").is_file() or (p / "runs").is_dir()] or [out]
+
+
 def read_status(out: Path, reader: Reader | None = None, now: float | None = None) -> dict:
     """Everything `loraplace status` shows, as data (`--json` prints it)."""
     out = Path(out)

@@ -101,7 +101,7 @@ def run_sweep_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     swept = []
     for lr in cfg.lr_sweep:
         log(f"lr sweep: rate {lr:g}")
-        swept += run_study(sweep_config(cfg, lr, train, dev), out / SWEEP / f"lr-{lr:g}", log)
+        swept += _study(sweep_config(cfg, lr, train, dev), out / SWEEP / f"lr-{lr:g}", log)
     chosen = choose(swept)
     write_json(out / CHOSEN, {"train_split": train, "dev_split": dev, "shared_lr": cfg.lr,
                               "seed": cfg.seeds[0], "rates": list(cfg.lr_sweep),
@@ -112,8 +112,21 @@ def run_sweep_study(cfg: StudyConfig, out: Path, log=print) -> list[dict]:
     shared = run_study(dataclasses.replace(cfg, lr_sweep=[]), out, log)
     log("the study at the tuned rates")
     rates = {name: entry["lr"] for name, entry in chosen.items()}
-    tuned = run_study(dataclasses.replace(cfg, lr_sweep=[]), out / TUNED, log, lr_by_strategy=rates)
-    from loraplace.analysis.report import build
-
-    build(out / TUNED)  # its own report; OUT's shows both verdicts
+    tuned = _study(dataclasses.replace(cfg, lr_sweep=[]), out / TUNED, log, rates, report=True)
     return shared + tuned
+
+
+def _study(cfg: StudyConfig, out: Path, log, rates=None, report: bool = False) -> list[dict]:
+    """One part of the sweep study, in a folder of its own, its lock let go when it ends
+    (OUT's stays with the caller, as for any study); `report`: its own report too."""
+    from loraplace.analysis.report import build
+    from loraplace.core.lock import release
+    from loraplace.study.runner import run_study
+
+    try:
+        found = run_study(cfg, out, log, lr_by_strategy=rates)
+        if report:
+            build(out)
+        return found
+    finally:
+        release(out)
