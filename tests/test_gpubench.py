@@ -73,3 +73,40 @@ def test_results_are_whole_after_every_measurement(tmp_path, monkeypatch):
     (env,) = records(tmp_path)  # the environment was written before the first measurement
     assert env["part"] == "environment"
     assert "## (b, c)" in (tmp_path / "results.md").read_text()
+
+
+def test_the_gpu_bench_states_tf32_and_counts_attention_and_adapter_flops():
+    from gpubench import environment_record, flops_per_token
+
+    env = environment_record("cpu")
+    assert {"tf32_matmul", "tf32_cudnn", "float32_matmul_precision"} <= set(env)
+    facts = {"frozen_linear_params": 1000, "adapter_macs_per_token": 10, "n_layers": 2,
+             "attn_dim": 8}  # fmt: skip
+    # frozen 4 x 1000, adapters 6 x 10, causal attention 3 x 2 x layers x dim x seq
+    assert flops_per_token(facts, 64) == 4000 + 60 + 3 * 2 * 2 * 8 * 64
+    assert flops_per_token(facts, 128) - flops_per_token(facts, 64) == 3 * 2 * 2 * 8 * 64
+
+
+def test_a_failed_side_gives_no_speedup_and_the_plain_side_takes_loraplaces_precision(
+    tmp_path, monkeypatch
+):
+    import bench
+
+    from loraplace.config import StudyConfig
+    from loraplace.plan.strategies import resolve_strategies
+
+    ok = {"status": "ok", "wall_s": 100.0, "metrics": {"train_time_s": 90.0, "eval_loss": 1.0}}
+    failed = {"status": "failed", "wall_s": 5.0, "error": "RuntimeError: CUDA error"}
+    row = bench._row("full", ok, failed, 1e12, (1e12, 0.0))
+    assert row["speedup"] is None and row["status"].startswith("failed: loraplace RuntimeError")
+    assert bench._total([row], 1e12, 1000, 5.0, False)["speedup"] is None
+    seen = []
+
+    def run_study(cfg, out, log=print):
+        seen.append((out.name, cfg.precision))
+        return [{"strategy": s, "seed": 42, "timing": {}} for s in cfg.strategies]
+
+    monkeypatch.setattr("loraplace.study.runner.run_study", run_study)
+    cfg = StudyConfig(strategies=["full"])
+    bench._run_both(cfg, resolve_strategies(["full"]), tmp_path, print, "bf16")
+    assert ("plain", "bf16") in seen and ("loraplace", "auto") in seen
