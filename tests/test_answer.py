@@ -141,3 +141,14 @@ def test_a_task_metric_gets_its_own_sentences(shift):
     assert rouge[0].startswith("Highest mean ROUGE-L in these runs: a (") or shift == 0
     if shift:
         assert any("a has higher ROUGE-L than b" in s for s in rouge)
+
+
+def test_a_task_metric_the_same_everywhere_names_no_best_strategy():
+    import numpy as np
+
+    from loraplace.analysis.answer import _task_best
+
+    zeros = {s: np.zeros((3, 20)) for s in ("full", "attention")}
+    found = PerExample(METRICS[2], zeros, {s: [1, 2, 3] for s in zeros}, None, 0)
+    sentence = _task_best(compare(found))
+    assert sentence == "Mean exact match in these runs: 0.0000 for every strategy."

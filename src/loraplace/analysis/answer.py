@@ -55,6 +55,9 @@ def _task_best(c: Comparison) -> str:
     means = {s: float(v.mean()) for s, v in c.found.values.items()}  # unweighted metrics
     pick = min if c.found.metric.lower_is_better else max
     best = pick(means, key=means.get)
+    if len(set(means.values())) == 1:  # every strategy the same (exact match 0 everywhere)
+        value = next(iter(means.values()))
+        return f"Mean {c.found.metric.label} {IN_THESE_RUNS}: {value:.4f} for every strategy."
     way = "Lowest" if c.found.metric.lower_is_better else "Highest"
     seeds = c.found.values[best].shape[0]
     return (
