@@ -415,7 +415,7 @@ def test_ray_says_what_a_runs_share_of_a_gpu_must_hold():
 
 def test_on_a_gpu_a_step_is_one_packed_row_and_the_loss_is_read_once_per_log():
     from loraplace.data.rows import PackedCollator
-    from loraplace.train.run import pack_rows
+    from loraplace.train.fastpaths import pack_rows
     from loraplace.train.trainer import logging_steps
 
     cfg = StudyConfig(max_length=256, batch_size=1, grad_accum=4)
@@ -499,14 +499,14 @@ def test_the_checks_cache_names_the_gpus_and_kernels_and_never_keeps_a_check_tha
 
 
 def test_a_run_whose_check_raised_falls_back_for_itself_and_says_why(monkeypatch):
-    from loraplace.train import run as train
+    from loraplace.train import fastpaths
 
     def raising(*args):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    notes = train.Notes()
-    monkeypatch.setattr(train, "remembered_check", raising)
-    assert train.checked(notes, "packing", "packing", None, "cuda", None) is None
+    notes = fastpaths.Notes()
+    monkeypatch.setattr(fastpaths, "remembered_check", raising)
+    assert fastpaths.checked(notes, "packing", "packing", None, "cuda", None) is None
     assert notes == [{"switch": "packing", "why": "its start-of-run check raised RuntimeError: "
                       "CUDA out of memory. Tried to allocate 2.00 GiB"}]  # fmt: skip
 
@@ -517,7 +517,7 @@ def test_a_run_whose_check_raised_falls_back_for_itself_and_says_why(monkeypatch
 def test_liger_is_taken_only_for_architectures_it_patches(monkeypatch):
     import types
 
-    from loraplace.train.run import liger_applies
+    from loraplace.train.fastpaths import liger_applies
 
     patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
     patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "mistral": None}

@@ -222,9 +222,10 @@ def test_a_path_that_fails_its_check_falls_back_and_says_so(
 ):
     from loraplace.config import StudyConfig
     from loraplace.study.prepare import spec_for
+    from loraplace.train import fastpaths
     from loraplace.train import run as train
 
-    monkeypatch.setattr(train, "packing_is_exact", _never_exact)
+    monkeypatch.setattr(fastpaths, "packing_is_exact", _never_exact)
     cfg = StudyConfig(model=str(tiny_gpt2_dir), data=str(ALPACA_HEAD), train_split="train[:4]",
                       eval_split="train[100:102]", epochs=1, max_length=32, generations=0, loss_on="all",
                       strategies=["full"])  # fmt: skip

@@ -21,7 +21,7 @@ from loraplace.data.rows import (
     packing_token_deltas,
 )
 from loraplace.fast.hardware import Machine, pick_attention, pick_precision, resolve_paths
-from loraplace.train.run import PACKING_TOLERANCE
+from loraplace.train.fastpaths import PACKING_TOLERANCE
 
 BNB = importlib.util.find_spec("bitsandbytes") is not None
 ONE = ("--strategy", "full", "--set", "reuse_process=false")

@@ -422,5 +422,4 @@ def test_without_the_inner_curve_points_a_run_ends_with_the_same_numbers(
     assert [p["epoch"] for p in a["curves"]["eval"]] == [1.0, 2.0]
     assert [p["epoch"] for p in b["curves"]["eval"]] == [2.0]
     assert b["metrics"]["eval_loss"] == a["metrics"]["eval_loss"]
-    assert b["curves"]["train"] == a["curves"]["train"]
-    assert b["phases_s"]["epoch_evals"] < a["phases_s"]["epoch_evals"]
+    assert b["curves"]["train"] == a["curves"]["train"]  # one evaluation less, nothing else

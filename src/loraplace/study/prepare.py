@@ -145,7 +145,7 @@ def measure_products(cfg: StudyConfig, paths: Paths, shapes: tuple, threads: int
     with `threads` (None: all of torch's)."""
     from loraplace.fast.hardware import products_for
     from loraplace.fast.headloss import ROWS
-    from loraplace.train.run import pack_rows
+    from loraplace.train.fastpaths import pack_rows
 
     return products_for(paths, *shapes, pack_rows(cfg, paths.device), ROWS, threads)
 
@@ -155,7 +155,7 @@ def gpu_run_memory(cfg: StudyConfig, paths: Paths | None, shape, plans: dict):
     precision it resolved on a GPU here (bf16 for a cluster's GPUs); a base whose weights and
     CUDA context alone exceed this machine's smallest GPU is refused in one sentence."""
     from loraplace.plan.memory import run_memory
-    from loraplace.train.run import pack_rows
+    from loraplace.train.fastpaths import pack_rows
 
     on_gpu = paths is not None and paths.device == "cuda"
     precision = paths.precision if on_gpu else "bf16"

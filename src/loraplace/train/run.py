@@ -32,16 +32,13 @@ from loraplace.core import faults
 from loraplace.core.results import die_with_parent, environment, private_memory_mb, write_result
 from loraplace.data.chat import use_chat_template
 from loraplace.data.rows import (
-    Collator,
-    PackedCollator,
     dataset_name,
     generation_prompt,
     load_rows,
-    packing_is_exact,
     reference,
     tokenize,
 )
-from loraplace.fast.hardware import Paths, remembered_check
+from loraplace.fast.hardware import Paths
 from loraplace.plan.planning import architecture
 from loraplace.plan.strategies import to_dict
 from loraplace.study.spec import RunSpec
@@ -52,6 +49,7 @@ from loraplace.train.evaluate import (
     greedy_generations,
     token_weighted,
 )
+from loraplace.train.fastpaths import Notes, adapt, batching, check_head, eval_head
 from loraplace.train.once import base_evaluation, base_generations
 from loraplace.train.progress import RunProgress, redirect_output
 from loraplace.train.trainer import chunked_trainer, recorder, training_args
@@ -94,15 +92,6 @@ def peak_memory_mb(device: str) -> float:
     return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10) + server
 
 
-class Notes(list):
-    """Fast paths a run asked for and could not take here, each said once, in the log and in
-    result.json."""
-
-    def add(self, switch: str, why: str) -> None:
-        self.append({"switch": switch, "why": why})
-        print(f"  note: {switch} is off for this run: {why}", flush=True)
-
-
 class Phases(dict):
     """Seconds spent in each named part of a run: `with phases("load"): ...`; `listener`, if
     set, hears each part begin (the run's progress file)."""
@@ -118,18 +107,6 @@ class Phases(dict):
             yield
         finally:
             self[name] = self.get(name, 0.0) + time.perf_counter() - start
-
-
-def pack_rows(cfg: StudyConfig, device: str) -> int:
-    """Tokens per packed training chunk. On a CPU, rows of 1.5 x max_length (the step's
-    micro-batches in a few chunks: products of that size run near the CPU's peak, and
-    a chunk's activations stay small); elsewhere the whole step as one row (a GPU is
-    fastest with few, large launches)."""
-    if cfg.pack_tokens:
-        return cfg.pack_tokens
-    if device == "cpu":
-        return cfg.max_length * 3 // 2
-    return cfg.batch_size * cfg.grad_accum * cfg.max_length
 
 
 def _load(cfg: StudyConfig, paths: Paths):
@@ -151,100 +128,6 @@ def _load(cfg: StudyConfig, paths: Paths):
     if any(a.labels != b.labels for a, b in zip(every, sets["eval"], strict=True)):
         sets["eval_all"] = every  # the seed's all-token loss, reported beside the response's
     return model, tokenizer, rows, sets
-
-
-# How far a packed row's per-token losses may be, on average, from each example's own (nats a
-# token), per precision. Measured on CPU (docs/gpu.md, 2026-12-06), the embedded SmolLM2 with
-# its real weights: exact rows differ by 5e-6 in float32, 9e-3 in fp16 and 6e-2 in bf16 (their
-# own rounding), rows that leak across examples by 1.4 in all three; tiny random models' leaks
-# by 2.5e-2 and more, their exact rows by under 2e-4. Each tolerance lies several times above
-# the exact rows' and below the leaks'.
-PACKING_TOLERANCE = {"float32": 1e-3, "bf16": 0.25, "fp16": 0.05}
-
-
-def _batching(cfg: StudyConfig, model, tokenizer, paths: Paths, notes: Notes) -> dict:
-    """How training and evaluation batch their examples: packed where checked exact."""
-    from loraplace.fast.segments import use_segment_attention
-
-    device, form = paths.device, paths.packed_rows
-    pad_to = cfg.max_length if cfg.pad_to == "max_length" else None
-    wanted = cfg.packing and cfg.fuse_accumulation and pad_to is None
-    tolerance = PACKING_TOLERANCE[paths.precision]
-    exact = (wanted or cfg.pack_eval) and checked(
-        notes, "packing", "packing", model, device, packing_is_exact, tolerance, False, form
-    )
-    packed = bool(wanted and exact)
-    if wanted and exact is False:
-        notes.add("packing", "packed rows did not give each example its own loss on this model")
-    # segment attention is one of our CPU functions: with the library's rows it is off, as they are
-    segments, wants_segments = False, packed and cfg.segment_attention and form == "mask"
-    if wants_segments and paths.attention != "sdpa":
-        notes.add("segment_attention", f"it replaces SDPA, and attention is {paths.attention}")
-    elif wants_segments:
-        segments = use_segment_attention(model)
-        if not segments:
-            notes.add("segment_attention", "the model does not run SDPA attention")
-        elif not (
-            ok := checked(notes, "segment_attention", "segments", model, device,
-                          packing_is_exact, PACKING_TOLERANCE["float32"], True)
-        ):  # fmt: skip
-            model.set_attn_implementation("sdpa")
-            segments = False
-            if ok is False:
-                notes.add("segment_attention", "attention per example was not exact on this model")
-    collate = Collator(tokenizer.pad_token_id, pad_to)
-    if packed:
-        collate = PackedCollator(pack_rows(cfg, device), segments, form)
-    eval_packed = cfg.pack_eval and bool(exact)
-    if cfg.pack_eval and not exact:
-        why = (
-            "its check raised"
-            if exact is None
-            else "packed rows did not give each example its own loss"
-        )
-        notes.add("pack_eval", f"{why} on this model")
-    eval_collate = Collator(tokenizer.pad_token_id)  # both paths: the same evaluation
-    if eval_packed:  # no padding; rows of up to eval_batch_size x max_length tokens, as padded
-        eval_collate = PackedCollator(cfg.eval_batch_size * cfg.max_length, segments, form)
-    return {"packed": packed, "segments": segments, "collate": collate,
-            "eval_packed": eval_packed, "eval_collate": eval_collate}  # fmt: skip
-
-
-def _head(model, device: str, paths: Paths, products: dict, notes: Notes) -> dict:
-    """Whether the head-and-loss functions give this model's loss, with the default BLAS and
-    with the head's chosen libraries: checked once, here, for training and evaluation."""
-    from loraplace.fast.headloss import head_loss_matches
-
-    if not paths.cpu_kernels:  # a float32 CPU function: not for this base
-        return {"blocks": False, "onednn": (False, False)}
-    pair = tuple(products.get("head", (paths.onednn_head,) * 2))
-    blocks = bool(
-        checked(notes, "fused_head_loss", "head", model, device, head_loss_matches, 1e-4,
-                (False, False))
-    )  # fmt: skip
-    if any(pair) and not (
-        blocks
-        and (
-            ok := checked(
-                notes, "onednn_head", "head", model, device, head_loss_matches, 1e-4, pair
-            )
-        )
-    ):
-        if blocks and ok is False:
-            notes.add("onednn_head", "the head's products through oneDNN were not exact here")
-        pair = (False, False)
-    return {"blocks": blocks, "onednn": pair}
-
-
-def checked(notes: Notes, switch: str, name: str, model, device: str, check, *args) -> bool | None:
-    """`remembered_check`'s answer, or None where the check raised: the switch is off for this
-    run, with the error in its note, and nothing is remembered for the next run."""
-    try:
-        return remembered_check(name, model, device, check, *args)
-    except (RuntimeError, ValueError) as err:  # NotImplementedError, out of memory included
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        notes.add(switch, f"its start-of-run check raised {type(err).__name__}: {first}")
-        return None
 
 
 def _in_precision(model, paths: Paths):
@@ -292,18 +175,19 @@ def train_run(spec: RunSpec) -> dict:
     with run.phases("load"):
         model, tokenizer, rows, sets = _load(cfg, run.paths)
     with run.phases("checks"):  # our CPU functions' checks on float32 weights; packing's on
-        head = _head(model, run.device, run.paths, products, run.notes)  # the weights it trains
+        head = check_head(model, run.device, run.paths, products, run.notes)  # weights it trains
         model = _in_precision(model, run.paths)
-        batching = _batching(cfg, model, tokenizer, run.paths, run.notes)
-    eval_head = _eval_head(batching, head)
-    evaluate = _evaluator(run, model, sets["eval"], batching["eval_collate"], eval_head)
+        batches = batching(cfg, model, tokenizer, run.paths, run.notes)
+    head_loss = eval_head(batches, head)
+    evaluate = _evaluator(run, model, sets["eval"], batches["eval_collate"], head_loss)
     evaluate = run.progress.evaluating(evaluate)  # an epoch's evaluation shows as such
     with run.phases("base_eval"):
-        base = base_evaluation(spec, sets["eval"], evaluate, eval_head)
+        base = base_evaluation(spec, sets["eval"], evaluate, head_loss)
     check_plan(spec, model)
     arch = architecture(model, spec.plan.ranks)  # before wrapping: for the bench's FLOP count
     with run.phases("attach"):
-        model, taken = _adapt(run, model, products, batching["packed"], head)
+        model, taken = adapt(model, spec.plan, cfg, run.paths, run.notes, products,
+                             batches["packed"], head)  # fmt: skip
     # conversations: rendered by the chat template up to their last assistant turn
     asked = [r for r in rows["eval"] if generation_prompt(r, tokenizer)]
     answerable = asked if cfg.task_metrics else asked[: cfg.generations]
@@ -316,14 +200,14 @@ def train_run(spec: RunSpec) -> dict:
 
     # where another run is making them, they are read after training instead of waited for
     base_texts = base_generations(spec, shown, untrained, wait=False)
-    trainer, resume, curves = _trainer(run, model, sets["train"], batching, taken, evaluate)
+    trainer, resume, curves = _trainer(run, model, sets["train"], batches, taken, evaluate)
     train_time_s = _train(run, trainer, resume)
     if base_texts is None:
         base_texts = base_generations(spec, shown, untrained)
     per_example = curves.pop("last_eval") or evaluate()
     all_tokens = per_example  # the seed's all-token loss: the same, or one more pass
     if "eval_all" in sets:
-        all_tokens = _evaluator(run, model, sets["eval_all"], batching["eval_collate"], eval_head)()
+        all_tokens = _evaluator(run, model, sets["eval_all"], batches["eval_collate"], head_loss)()
     eval_loss = token_weighted(per_example)
     if not math.isfinite(eval_loss):
         raise FloatingPointError(f"eval loss is {eval_loss}")
@@ -357,7 +241,7 @@ def train_run(spec: RunSpec) -> dict:
             for p, r, b, g in zip(shown, asked, base_texts, answers, strict=False)
         ],
         "data": _data_record(cfg, rows, per_example),
-        **_paths_taken(run, products, batching, taken, eval_head),
+        **_paths_taken(run, products, batches, taken, head_loss),
         "architecture": arch,
     }
 
@@ -419,14 +303,6 @@ def _start(spec: RunSpec) -> Run:
     return run
 
 
-def _eval_head(batching: dict, head: dict) -> str | None:
-    """How evaluation computes the head's loss: in blocks (through oneDNN where chosen), no
-    whole logits, wherever evaluation is packed; the same for every run of a study."""
-    if batching["eval_packed"] and head["blocks"]:
-        return "onednn" if head["onednn"][0] else "blocks"
-    return None
-
-
 def _evaluator(run: Run, model, eval_set, collate, head: str | None):
     """evaluate() -> per-example (loss sum, tokens); its time is counted apart from training."""
 
@@ -469,43 +345,6 @@ def check_plan(spec: RunSpec, model) -> None:
             f"{placement.trainable_params:,} trainable parameters against the plan's "
             f"{plan.trainable_params:,} (extra {extra}, missing {missing})"
         )
-
-
-def _adapt(run: Run, model, products: dict, packed: bool, head: dict):
-    """Attach exactly the planned adapters, then the fused functions that hold on this model."""
-    from loraplace.fast.headloss import head_is_frozen
-    from loraplace.fast.kernels import accelerate
-    from loraplace.plan.adapters import attach
-
-    cfg, notes, cpu = run.cfg, run.notes, run.paths.cpu_kernels
-    model = attach(model, run.spec.plan, cfg.alpha, cfg.dropout, cfg.bias, cfg.alpha_scaling,
-                   cfg.rank)  # fmt: skip
-    bf16 = run.paths.product_dtype == "bfloat16"
-    taken = accelerate(model, cfg.fused_lora and cpu, run.paths.onednn, cfg.fused_mlp and cpu,
-                       bf16, products.get("decoder"))  # fmt: skip
-    if cfg.fused_lora and run.spec.plan.ranks and cpu and not taken["fused_lora"]:
-        notes.add("fused_lora", "no adapted layer is one the fused function reproduces exactly")
-    if bf16 and not taken["bf16_products"]:
-        notes.add("product_dtype", "no frozen float32 product to run in bfloat16")
-    fused_head = packed and cfg.fused_head_loss and head["blocks"] and head_is_frozen(model)
-    if packed and cfg.fused_head_loss and cpu and not fused_head:
-        notes.add("fused_head_loss", "the model's own loss differs from the blocked head loss")
-    taken["fused_head"] = bool(fused_head)
-    taken["head_libraries"] = head["onednn"] if fused_head else (False, False)
-    taken["liger"] = run.paths.liger and liger_applies(model)
-    if run.paths.liger and not taken["liger"]:
-        notes.add("liger_kernel", f"Liger has no functions for {model.config.model_type} models")
-    return model, taken
-
-
-def liger_applies(model) -> bool:
-    """Whether Liger Kernel patches this model's architecture (the Trainer's
-    `use_liger_kernel` does nothing for the others, GPT-2 among them)."""
-    try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-    except ImportError:
-        return False
-    return model.config.model_type in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
 def _generations(
