@@ -155,6 +155,9 @@ def _bf16_product_runs() -> bool:
     return bool((y.float() == 16).all())
 
 
+NUMERIC_PATHS = {"device": None, "product_dtype": None, "precision": "float32", "quantize": "none"}
+
+
 @dataclass(frozen=True)
 class Paths:
     """The resolved paths of a run: what `auto` became here, recorded with every result."""
@@ -192,6 +195,13 @@ class Paths:
     @staticmethod
     def from_dict(d: dict) -> Paths:
         return Paths(**{k: v for k, v in d.items() if k in Paths.__dataclass_fields__})
+
+    @staticmethod
+    def numbers(recorded: dict) -> dict:
+        """Of resolved paths as a result records them, those that change what a run computes
+        beyond float32 summation order (a result from before a path existed took its only
+        value then): a finished run is reused only where they are this machine's."""
+        return {k: recorded.get(k, then) for k, then in NUMERIC_PATHS.items()}
 
 
 def pick_device(choice: str, machine: Machine) -> str:

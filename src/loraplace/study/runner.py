@@ -20,6 +20,7 @@ import yaml
 from loraplace.config import StudyConfig, idle_fast_paths, run_settings
 from loraplace.core.lock import acquire
 from loraplace.core.results import damaged_results, load_results, write_json, write_text
+from loraplace.fast.hardware import Paths
 from loraplace.plan.strategies import to_dict
 from loraplace.study import worker
 from loraplace.study.local import Schedule, likely_device, local_plan, run_local
@@ -33,15 +34,10 @@ from loraplace.study.prepare import (
 from loraplace.study.spec import RunSpec
 
 STUDY = "study.json"
-# Resolved paths that change what a run computes beyond float32 summation order: a finished
-# run is reused only where this machine would take the same ones.
-# (A result from before a path existed took its only value then.)
-NUMERIC_PATHS = {"device": None, "product_dtype": None, "precision": "float32", "quantize": "none"}
 
 
 def is_done(result: dict | None, spec: RunSpec) -> bool:
     """Whether `result` is this spec's run, finished, with the same settings and numbers."""
-    paths = (result or {}).get("paths") or {}
     return (
         result is not None
         and result.get("status") == "ok"
@@ -49,9 +45,7 @@ def is_done(result: dict | None, spec: RunSpec) -> bool:
         and result.get("strategy_spec") == to_dict(spec.strategy)
         and (
             spec.paths is None  # resolved by each cluster node
-            or all(
-                paths.get(k, then) == getattr(spec.paths, k) for k, then in NUMERIC_PATHS.items()
-            )
+            or Paths.numbers(result.get("paths") or {}) == Paths.numbers(spec.paths.to_dict())
         )
     )
 
